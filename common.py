@@ -1,0 +1,965 @@
+"""What ExP-GRPO and ExP-DPO share: distributed set-up, models and FSDP2, prompts, answers and rewards,
+data, sampling, log-probs, checkpoints and logging.
+
+The algorithm files (expo_grpo.py, expo_dpo.py) hold the algorithms; everything here is plumbing that a
+reader can trust and skip. Each section is independent and tested in tests/.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import glob
+import json
+import math
+import os
+import random
+import re
+import select
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------------
+# Distributed set-up
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(timeout_minutes: float = 30.0) -> DistInfo:
+    """Join the process group torchrun describes in the environment, or make a one-process group.
+
+    NCCL + one CUDA device per local rank when a GPU is present, gloo + CPU otherwise. A plain
+    `python script.py` gets a world of one, so the training code has a single path. The timeout makes a
+    rank whose peer died fail instead of waiting forever.
+    """
+    if not dist.is_initialized():
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if "MASTER_PORT" not in os.environ:
+            os.environ["MASTER_PORT"] = str(_free_port())
+        cuda = torch.cuda.is_available()
+        local_rank = int(os.environ["LOCAL_RANK"])
+        if cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(
+            backend="nccl" if cuda else "gloo",
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+            device_id=torch.device("cuda", local_rank) if cuda else None,
+        )
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cleanup_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def print0(*args, **kwargs) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def seed_everything(seed: int, rank: int = 0) -> None:
+    """Seed every generator; each rank gets its own stream so ranks do not sample identical completions."""
+    s = seed + 1000 * rank
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
+
+
+def all_reduce_dict(metrics: dict[str, float], op: str = "mean", device=None) -> dict[str, float]:
+    """Mean or sum of a dict of floats over ranks (the keys must be the same on every rank).
+
+    NaN is a legitimate value (e.g. a ratio with no denominator on this rank) and propagates.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return {k: float(v) for k, v in metrics.items()}
+    keys = sorted(metrics)
+    device = device or (torch.device("cuda") if dist.get_backend() == "nccl" else torch.device("cpu"))
+    t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    if op == "mean":
+        t /= dist.get_world_size()
+    elif op != "sum":
+        raise ValueError(f"op must be mean or sum, got {op}")
+    return dict(zip(keys, t.tolist()))
+
+
+def gather_objects(obj) -> list:
+    """Every rank's `obj`, in rank order, on every rank (small Python objects only: rows, texts)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, src: int = 0):
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Models, tokenizers and FSDP2
+# ----------------------------------------------------------------------------------------------------
+
+CACHE_DIR = os.environ.get("EXPO_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "expo"))
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def resolve_model_path(name: str) -> str:
+    """`tiny` -> the cached tiny model directory (built on first use); anything else is returned as is."""
+    if name == "tiny":
+        return build_tiny_model()
+    return name
+
+
+def build_tiny_model(path: str | None = None, seed: int = 0) -> str:
+    """Build (once) a small Qwen2-architecture causal LM with random weights and its own BPE tokenizer.
+
+    Nothing is downloaded: the byte-level BPE tokenizer is trained on text generated here (synthetic
+    problems, their solutions, both prompts), so the CPU demo and the tests run offline. The directory is
+    written to a temporary name and renamed, so concurrent builders (several ranks) never see half a model.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    path = path or os.path.join(CACHE_DIR, f"tiny-v1-seed{seed}")
+    if os.path.exists(os.path.join(path, "config.json")):
+        return path
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = []
+    for row in synthetic_problems(2000, seed=seed):
+        corpus += [row["question"], row["solution"], SYSTEM_PROMPT, EXPLAIN_SENTENCE.format(answer=row["answer"])]
+    corpus.append(r"\frac{1}{2} \sqrt{3} \pi \dfrac{a}{b} x^2 + y^2 = z^2 (1, 2) [0, \infty)")
+    trainer = trainers.BpeTrainer(
+        vocab_size=1024, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(corpus, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+    )
+    model = Qwen2ForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    tmp = f"{path}.tmp{os.getpid()}"
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        os.replace(tmp, path)
+    except OSError:  # another process finished first: its copy is identical
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def load_tokenizer(name: str):
+    """Tokenizer with left padding (generation appends on the right) and a pad token."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name))
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def attention_implementation(device: torch.device) -> str:
+    """flash_attention_2 when flash-attn is installed and we are on CUDA, else PyTorch's sdpa."""
+    import importlib.util
+
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_model(name: str, device: torch.device, gradient_checkpointing: bool = False, attn: str | None = None):
+    """Causal LM from a hub id, a local directory or `tiny`, with fp32 master weights.
+
+    Weights stay fp32 here: FSDP's MixedPrecisionPolicy casts to bf16 for compute on GPU, while the
+    optimizer updates fp32 copies (tiny updates at lr 3e-6 vanish in bf16).
+    """
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_model_path(name), dtype=torch.float32, attn_implementation=attn or attention_implementation(device)
+    )
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False  # training forward passes; sample() turns the KV cache on explicitly
+    return model
+
+
+def shard_model(model, device: torch.device, mesh=None, trainable: bool = True):
+    """FSDP2: `fully_shard` every decoder layer, then the root (embeddings, final norm, lm_head).
+
+    On GPU the policy computes in bf16 and reduces gradients in fp32; on CPU everything stays fp32.
+    A frozen model (the reference) is sharded the same way and just never gets an optimizer.
+    `mesh` may be 2-D (replicate, shard) for hybrid sharding across nodes.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if device.type == "cuda":
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    else:
+        mp = MixedPrecisionPolicy()
+    if mesh is None:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    if not trainable:
+        model.requires_grad_(False)
+        model.eval()
+    return model
+
+
+def fsdp_modules(model) -> list:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+@contextlib.contextmanager
+def gathered_params(model):
+    """Hold the full parameters on every rank for the duration of generation.
+
+    Without this, FSDP would all-gather every layer for every decoded token (and a rank that finished
+    early would have to keep joining those collectives). With the parameters gathered once, decoding
+    runs with no communication at all, so ranks may generate different lengths.
+    """
+    mods = fsdp_modules(model)
+    for m in mods:
+        m.unshard()
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.reshard()
+            # the root keeps its parameters after forward (they are needed at once in backward)
+            m.set_reshard_after_forward(m is not model, recurse=False)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Prompts
+# ----------------------------------------------------------------------------------------------------
+
+SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
+EXPLAIN_SENTENCE = (
+    "The correct final answer is {answer}. Explain step by step how to solve the problem and reach this "
+    "answer. Write it as a normal solution, without mentioning that the answer was given, and end with "
+    "\\boxed{{{answer}}}."
+)
+
+
+def _chat_prompt(tokenizer, user: str) -> str:
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def question_prompt(tokenizer, question: str) -> str:
+    """The prompt every response is sampled, scored and trained under: the question alone."""
+    return _chat_prompt(tokenizer, question)
+
+
+def explanation_prompt(tokenizer, question: str, answer: str) -> str:
+    """The question followed by the answer sentence: the only difference from `question_prompt`."""
+    return _chat_prompt(tokenizer, question + "\n\n" + EXPLAIN_SENTENCE.format(answer=answer))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Answers and rewards
+# ----------------------------------------------------------------------------------------------------
+
+_BOX_RE = re.compile(r"\\(?:boxed|fbox)\s*")
+
+
+def extract_boxed(text: str | None) -> str | None:
+    """Content of the last `\\boxed{...}` (or `\\fbox{...}`, or `\\boxed 5`), braces balanced; else None.
+
+    >>> extract_boxed(r"so \\boxed{\\frac{1}{2}} and \\boxed{3}")
+    '3'
+    >>> extract_boxed(r"\\boxed{\\frac{1}{2}}")
+    '\\\\frac{1}{2}'
+    """
+    if not text:
+        return None
+    for m in reversed(list(_BOX_RE.finditer(text))):
+        i = m.end()
+        if i < len(text) and text[i] == "{":
+            depth = 0
+            for j in range(i, len(text)):
+                if text[j] == "{":
+                    depth += 1
+                elif text[j] == "}":
+                    depth -= 1
+                    if depth == 0:
+                        return text[i + 1 : j].strip()
+            continue  # unbalanced: try an earlier box
+        if m.group(0).startswith("\\boxed") and m.end() > m.start() + len("\\boxed"):
+            tail = re.match(r"[^\s$]+", text[i:])  # `\boxed 5`: up to the next space or `$`
+            if tail:
+                return tail.group(0)
+    return None
+
+
+def gsm8k_answer(text: str | None) -> str | None:
+    """GSM8K's final answer: the text after `####`, without thousands separators. '#### 1,234' -> '1234'."""
+    if not text or "####" not in text:
+        return None
+    ans = text.split("####")[-1].strip().replace(",", "")
+    return ans or None
+
+
+VERIFY_STATS: Counter = Counter()  # calls, timeouts, errors, too_long: logged by the training scripts
+
+_MAX_ANSWER_CHARS = 512  # longer "answers" are junk; parsing them is where sympy can take minutes
+_WORKER_SRC = r"""
+import json, sys
+from math_verify import parse, verify
+for line in sys.stdin:
+    gold, pred, t = json.loads(line)
+    try:
+        ok = verify(parse(gold, parsing_timeout=t), parse(pred, parsing_timeout=t), timeout_seconds=t)
+        out = [1.0 if ok else 0.0, None]
+    except BaseException as e:
+        out = [0.0, type(e).__name__]
+    sys.stdout.write(json.dumps(out) + "\n"); sys.stdout.flush()
+"""
+
+
+class _Verifier:
+    """math-verify in a child process, so a hard time limit holds whatever thread calls it.
+
+    math-verify's own timeout uses signal.alarm, which only works in a main thread; here it runs in the
+    child's main thread (a soft limit), and the parent kills the child if even that does not answer
+    (a hard limit). A killed child is restarted on the next call.
+    """
+
+    def __init__(self):
+        self.proc = None
+        self.lock = threading.Lock()
+
+    def _start(self):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _WORKER_SRC], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL, text=True, bufsize=1,
+        )
+
+    def __call__(self, gold: str, pred: str, timeout: float) -> tuple[float, str | None]:
+        with self.lock:
+            if self.proc is None or self.proc.poll() is not None:
+                self._start()
+            try:
+                self.proc.stdin.write(json.dumps([gold, pred, max(1, int(timeout))]) + "\n")
+                self.proc.stdin.flush()
+                # the first call waits for the child to import sympy as well
+                ready, _, _ = select.select([self.proc.stdout], [], [], timeout * 2 + 30)
+                if ready:
+                    line = self.proc.stdout.readline()
+                    if line:
+                        return tuple(json.loads(line))
+            except (OSError, ValueError):
+                pass
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+            return 0.0, "timeout"
+
+
+_VERIFIER = _Verifier()
+
+
+def verify_answer(completion: str, gold: str, timeout: float = 5.0) -> float:
+    """1.0 if the last `\\boxed{}` of `completion` equals `gold` by math-verify, else 0.0. Never raises.
+
+    >>> verify_answer(r"... so the answer is \\boxed{\\dfrac{1}{2}}", "0.5")
+    1.0
+    """
+    VERIFY_STATS["calls"] += 1
+    try:
+        pred = extract_boxed(completion)
+        if pred is None or not gold:
+            return 0.0
+        if len(pred) > _MAX_ANSWER_CHARS:
+            VERIFY_STATS["too_long"] += 1
+            return 0.0
+        if pred.replace(" ", "") == str(gold).replace(" ", ""):
+            return 1.0
+        score, err = _VERIFIER("\\boxed{" + str(gold) + "}", "\\boxed{" + pred + "}", timeout)
+        if err == "timeout" or err == "TimeoutException":
+            VERIFY_STATS["timeouts"] += 1
+        elif err:
+            VERIFY_STATS["errors"] += 1
+        return float(score)
+    except Exception:
+        VERIFY_STATS["errors"] += 1
+        return 0.0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------
+
+_NAMES = ["Ava", "Ben", "Cleo", "Dan", "Eli", "Fay", "Gus", "Hana", "Ivo", "June"]
+_ITEMS = ["apples", "marbles", "books", "coins", "stickers", "pencils", "shells", "cards"]
+
+
+def synthetic_problems(n: int, seed: int = 0, levels=None) -> list[dict]:
+    """Arithmetic word problems of difficulty 1-5 with a worked solution ending in `\\boxed{}`.
+
+    Level L chains L operations on numbers that grow with L, so a tiny model solves level 1 long before
+    level 5: a stand-in for MATH's levels that needs no download.
+    """
+    rng = random.Random(seed)
+    rows = []
+    levels = list(levels or range(1, 6))
+    for i in range(n):
+        level = levels[i % len(levels)]
+        name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
+        total = rng.randint(2, 5 * 10 ** (level // 2 + 1))
+        q = [f"{name} has {total} {item}."]
+        steps = [f"{name} starts with {total} {item}."]
+        for _ in range(level):
+            op = rng.choice(["gets", "gives away", "doubles"] if total > 1 else ["gets"])
+            if op == "gets":
+                k = rng.randint(1, 10 ** (level // 2 + 1))
+                q.append(f"Then {name} gets {k} more.")
+                steps.append(f"After getting {k} more: {total} + {k} = {total + k}.")
+                total += k
+            elif op == "gives away":
+                k = rng.randint(1, total - 1)
+                q.append(f"Then {name} gives away {k}.")
+                steps.append(f"After giving away {k}: {total} - {k} = {total - k}.")
+                total -= k
+            else:
+                q.append(f"Then the number of {item} doubles.")
+                steps.append(f"After doubling: 2 * {total} = {2 * total}.")
+                total *= 2
+        q.append(f"How many {item} does {name} have now?")
+        steps.append(f"The answer is \\boxed{{{total}}}.")
+        rows.append({"question": " ".join(q), "answer": str(total), "solution": "\n".join(steps),
+                     "level": level, "subject": "Arithmetic"})
+    return rows
+
+
+def _read_local(path: str, stats: Counter) -> list[dict]:
+    if path.endswith(".jsonl"):
+        rows = []
+        with open(path) as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    if not isinstance(row, dict):
+                        raise ValueError
+                    rows.append(row)
+                except ValueError:
+                    stats["malformed_lines"] += 1
+        return rows
+    if path.endswith(".json"):
+        with open(path) as f:
+            data = json.load(f)
+        return data if isinstance(data, list) else data.get("data", data.get("rows", []))
+    if path.endswith(".parquet"):
+        import pandas as pd
+
+        return pd.read_parquet(path).to_dict("records")
+    raise ValueError(f"unsupported file type {path!r}: use .jsonl, .json or .parquet")
+
+
+def _parse_level(v) -> int | None:
+    if v is None:
+        return None
+    m = re.search(r"\d+", str(v))
+    return int(m.group(0)) if m else None
+
+
+def normalize_row(row: dict) -> dict | None:
+    """Map a MATH / MATH500 / GSM8K style row to {question, answer, solution, level, subject}.
+
+    Returns None when the row has no usable answer (the caller counts it).
+    """
+    question = row.get("problem", row.get("question"))
+    solution = row.get("solution")
+    answer = row.get("answer")
+    if solution is None and isinstance(answer, str) and "####" in answer:  # GSM8K: rationale + '#### N'
+        solution, answer = answer, gsm8k_answer(answer)
+        solution = re.sub(r"<<[^>]*>>", "", solution.split("####")[0]).strip() + f"\nThe answer is \\boxed{{{answer}}}."
+    if answer is None or str(answer).strip() == "":
+        answer = extract_boxed(solution)
+    if not isinstance(question, str) or not question.strip() or answer is None or not str(answer).strip():
+        return None
+    return {
+        "question": question.strip(),
+        "answer": str(answer).strip(),
+        "solution": solution if isinstance(solution, str) else None,
+        "level": _parse_level(row.get("level")),
+        "subject": row.get("type", row.get("subject")),
+    }
+
+
+def check_columns(columns, source: str) -> None:
+    """Fail before any model is loaded if the data has no question column or no answer column."""
+    columns = set(columns)
+    if not columns & {"problem", "question"} or not columns & {"solution", "answer"}:
+        raise ValueError(
+            f"dataset {source!r} needs a question column (problem|question) and an answer column "
+            f"(solution|answer); found columns: {sorted(columns)}"
+        )
+
+
+def load_problems(source: str, split: str = "train", config: str | None = None, levels=None,
+                  limit: int | None = None, seed: int = 0, synthetic_size: int = 2000) -> tuple[list[dict], Counter]:
+    """Rows {question, answer, solution, level, subject} and a Counter of what was skipped and why.
+
+    `source`: `synthetic`, a local .jsonl/.json/.parquet file, or a hub dataset id (with `split`,
+    `config`). Rows are shuffled deterministically by `seed`, then filtered by `levels`, then cut to `limit`.
+    """
+    stats: Counter = Counter()
+    if source == "synthetic":
+        # the train and test splits are different draws, so evaluation is held out
+        raw = synthetic_problems(synthetic_size, seed=1 if split == "train" else 2)
+    elif os.path.isfile(source):
+        raw = _read_local(source, stats)
+    elif os.path.exists(source) or source.endswith((".jsonl", ".json", ".parquet")):
+        raise FileNotFoundError(f"dataset file {source!r} not found")
+    else:
+        import datasets
+
+        raw = list(datasets.load_dataset(source, config, split=split))
+    if raw:
+        check_columns(set().union(*(r.keys() for r in raw[:100])), source)
+    rows = []
+    for r in raw:
+        row = normalize_row(r)
+        if row is None:
+            stats["no_answer"] += 1
+        elif levels and row["level"] not in levels:
+            stats["other_level"] += 1
+        else:
+            rows.append(row)
+    random.Random(seed).shuffle(rows)
+    if limit:
+        rows = rows[:limit]
+    stats["kept"] = len(rows)
+    return rows, stats
+
+
+def parse_levels(text: str | None) -> list[int] | None:
+    """'5' -> [5]; '3-5' -> [3, 4, 5]; '1,3' -> [1, 3]; '' or 'all' -> None."""
+    if not text or text == "all":
+        return None
+    out = []
+    for part in str(text).split(","):
+        a, _, b = part.partition("-")
+        out += list(range(int(a), int(b or a) + 1))
+    return out
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """Deterministic permutation of range(n) for an epoch: resuming recomputes it, nothing is stored."""
+    order = list(range(n))
+    random.Random(seed * 100003 + epoch).shuffle(order)
+    return order
+
+
+def global_batch(rows: list, step: int, batch_size: int, seed: int) -> list:
+    """The rows of optimizer step `step` (0-based) for all ranks together; epochs wrap around.
+
+    Each rank then takes `batch[rank::world_size]`, so the data position is a function of the step alone.
+    """
+    per_epoch = len(rows) // batch_size
+    if per_epoch == 0:
+        raise ValueError(f"{len(rows)} rows cannot fill one batch of {batch_size}")
+    epoch, i = divmod(step, per_epoch)
+    order = epoch_order(len(rows), seed, epoch)
+    return [rows[j] for j in order[i * batch_size : (i + 1) * batch_size]]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sampling
+# ----------------------------------------------------------------------------------------------------
+
+
+def progress(iterable, desc: str, total: int | None = None):
+    """tqdm on rank 0 when stderr is a terminal, the bare iterable otherwise (keeps CI logs clean)."""
+    if (dist.is_initialized() and dist.get_rank() != 0) or not sys.stderr.isatty():
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, leave=False)
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompts: list[str], n: int = 1, max_new_tokens: int = 512, temperature: float = 1.0,
+           top_p: float = 1.0, micro_batch_size: int = 16, min_new_tokens: int = 0, desc: str = "sampling") -> dict:
+    """n completions for each prompt, generated in left-padded micro-batches with the KV cache.
+
+    Returns lists ordered prompt-major (the completions of prompt i are at i*n .. i*n+n-1):
+      prompt_ids[j]      token ids of the prompt of completion j (no padding)
+      completion_ids[j]  generated ids, up to and including EOS, no padding
+      texts[j]           decoded completion without special tokens
+      eos[j]             True if the completion ended with EOS (False: truncated at max_new_tokens)
+    Under FSDP the parameters are gathered once for the whole call (`gathered_params`).
+    """
+    device = next(model.parameters()).device
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    jobs = [i for i in range(len(prompts)) for _ in range(n)]
+    # similar lengths in a micro-batch waste less on padding
+    order = sorted(range(len(jobs)), key=lambda j: len(prompt_ids[jobs[j]]))
+    completions: list = [None] * len(jobs)
+    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    was_training = model.training
+    model.eval()
+    gen_kwargs = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, eos_token_id=eos_id,
+                      pad_token_id=pad_id, use_cache=True, synced_gpus=False)
+    if temperature > 0:
+        gen_kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+    else:
+        gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    ctx = gathered_params(model) if fsdp_modules(model) else contextlib.nullcontext()
+    with ctx:
+        chunks = [order[s : s + micro_batch_size] for s in range(0, len(order), micro_batch_size)]
+        for chunk in progress(chunks, desc):
+            batch = [prompt_ids[jobs[j]] for j in chunk]
+            width = max(len(p) for p in batch)
+            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for r, p in enumerate(batch):
+                ids[r, width - len(p) :] = torch.tensor(p)
+                mask[r, width - len(p) :] = 1
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **gen_kwargs)
+            for r, j in enumerate(chunk):
+                completions[j] = out[r, width:].tolist()
+    model.train(was_training)
+    comp_ids, ended = [], []
+    for c in completions:
+        cut = c.index(eos_id) + 1 if eos_id in c else len(c)
+        comp_ids.append(c[:cut])
+        ended.append(eos_id in c)
+    return {
+        "prompt_ids": [prompt_ids[i] for i in jobs],
+        "completion_ids": comp_ids,
+        "texts": tokenizer.batch_decode(comp_ids, skip_special_tokens=True),
+        "eos": ended,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
+# Log-probs
+# ----------------------------------------------------------------------------------------------------
+
+
+def make_batch(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int, device=None) -> dict:
+    """Right-padded (prompt + completion) sequences for a training forward pass.
+
+    Returns input_ids and attention_mask (B, T), and completion_mask (B, T-1), aligned with the output of
+    `token_logprobs`: position t holds log p(input_ids[t+1]), so completion token k of a prompt of
+    length P sits at position P-1+k.
+    Example: prompt [5, 6], completion [7, 8] -> input_ids [5, 6, 7, 8], completion_mask [0, 1, 1].
+    """
+    seqs = [p + c for p, c in zip(prompt_ids, completion_ids)]
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    completion_mask = torch.zeros((len(seqs), width - 1), dtype=torch.float32)
+    for r, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
+        input_ids[r, : len(p) + len(c)] = torch.tensor(p + c)
+        attention_mask[r, : len(p) + len(c)] = 1
+        completion_mask[r, len(p) - 1 : len(p) - 1 + len(c)] = 1
+    out = {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+    return {k: v.to(device) for k, v in out.items()} if device is not None else out
+
+
+def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):
+    logits = (hidden @ weight.t()).float()  # (chunk, V): the only vocab-sized tensor alive at a time
+    logz = torch.logsumexp(logits, dim=-1)
+    logp = logits.gather(-1, targets[:, None]).squeeze(-1) - logz
+    with torch.no_grad():
+        entropy = logz - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+    return logp, entropy
+
+
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, chunk_tokens: int = 1024,
+                   with_entropy: bool = False):
+    """log p(input_ids[:, t+1] | input_ids[:, :t+1]) for every t: shape (B, T-1), fp32.
+
+    The lm_head projection and log-softmax run over chunks of `chunk_tokens` positions, each chunk
+    recomputed in backward (activation checkpointing), so at most one (chunk, vocab) fp32 block is alive
+    instead of (B, T, V): 1.2 GB instead of ~40 GB for 8 x 4096 tokens and Qwen's 152k vocabulary.
+    Padding positions get a value but must be masked by the caller (see `make_batch`).
+    With `with_entropy`, also returns the per-position entropy (no gradient), for logging.
+    """
+    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
+                logits_to_keep=1, use_cache=False)
+    hidden = out.hidden_states[-1][:, :-1]  # (B, T-1, H), after the final norm
+    B, T1, H = hidden.shape
+    hidden = hidden.reshape(-1, H)
+    targets = input_ids[:, 1:].reshape(-1)
+    weight = model.get_output_embeddings().weight
+    logps, ents = [], []
+    for s in range(0, hidden.shape[0], chunk_tokens):
+        args = (hidden[s : s + chunk_tokens], weight, targets[s : s + chunk_tokens])
+        if torch.is_grad_enabled():
+            lp, ent = torch.utils.checkpoint.checkpoint(_chunk_logprobs, *args, use_reentrant=False)
+        else:
+            lp, ent = _chunk_logprobs(*args)
+        logps.append(lp)
+        ents.append(ent)
+    logp = torch.cat(logps).view(B, T1)
+    if with_entropy:
+        return logp, torch.cat(ents).view(B, T1)
+    return logp
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    """Mean of x where mask is 1; over everything (dim=None) or along `dim`. An empty mask gives 0."""
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Optimizer schedule, checkpoints and export
+# ----------------------------------------------------------------------------------------------------
+
+
+def cosine_schedule(optimizer, total_steps: int, warmup_ratio: float):
+    """Linear warm-up over `warmup_ratio` of the steps, then cosine decay to 0 (appendix C.1)."""
+    warmup = int(round(warmup_ratio * total_steps))
+
+    def lr_lambda(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        progress_ = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress_)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+
+
+def _checkpoint_dirs(output_dir: str) -> list[str]:
+    dirs = [d for d in glob.glob(os.path.join(output_dir, "checkpoint-*")) if re.fullmatch(r"checkpoint-\d+", os.path.basename(d))]
+    return sorted(dirs, key=lambda d: int(d.rsplit("-", 1)[1]))
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    """The newest complete checkpoint: incomplete ones live under a `.tmp` name and are ignored."""
+    dirs = _checkpoint_dirs(output_dir)
+    return dirs[-1] if dirs else None
+
+
+def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, extra: dict | None = None,
+                    save_total_limit: int | None = None) -> str:
+    """Save model, optimizer, scheduler, `extra` (step, data position...) and every rank's RNG.
+
+    Written with torch.distributed.checkpoint (each rank writes its own shards) into
+    `checkpoint-STEP.tmp`, then renamed by rank 0 once every rank is done: a crash mid-save leaves the
+    previous checkpoint as the newest complete one.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    final = os.path.join(output_dir, f"checkpoint-{step}")
+    tmp = final + ".tmp"
+    rank = dist.get_rank()
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    dist.barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    torch.save(rng, os.path.join(tmp, f"rng-rank{rank}.pt"))
+    if rank == 0:
+        torch.save({"scheduler": scheduler.state_dict() if scheduler else None, "extra": extra or {}, "step": step},
+                   os.path.join(tmp, "trainer_state.pt"))
+    dist.barrier()
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        if save_total_limit:
+            for old in _checkpoint_dirs(output_dir)[:-save_total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(path: str, model, optimizer, scheduler) -> dict:
+    """Restore what `save_checkpoint` wrote; returns {"step": ..., **extra}."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    trainer = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
+    if scheduler is not None and trainer["scheduler"] is not None:
+        scheduler.load_state_dict(trainer["scheduler"])
+    rng_file = os.path.join(path, f"rng-rank{dist.get_rank()}.pt")
+    if os.path.exists(rng_file):  # absent when resuming on more ranks than saved: seeds stay as set
+        rng = torch.load(rng_file, weights_only=False)
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    return {"step": trainer["step"], **trainer["extra"]}
+
+
+def export_hf(model, tokenizer, path: str) -> None:
+    """Write a Hugging Face directory (safetensors + config + tokenizer) that `from_pretrained` loads.
+
+    The full state dict is gathered to rank 0's CPU, so this works for a sharded model of any size that
+    fits in host memory.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() == 0:
+        tmp = path.rstrip("/") + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        # save_pretrained writes the class name into config.architectures; FSDP renamed the class
+        base = next(c for c in type(model).__mro__ if not c.__name__.startswith("FSDP"))
+        model.config.architectures = [base.__name__]
+        model.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
+        model.config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Logging
+# ----------------------------------------------------------------------------------------------------
+
+
+class MetricsLogger:
+    """One line per step on rank 0, every metric in `OUTPUT_DIR/metrics.jsonl`, wandb when asked for.
+
+    On resume, rows past the resumed step are dropped first, so the file never holds a step twice.
+    """
+
+    def __init__(self, output_dir: str, config: dict | None = None, wandb_project: str | None = None,
+                 resume_step: int | None = None, show: tuple = ()):
+        self.is_main = not dist.is_initialized() or dist.get_rank() == 0
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.samples_path = os.path.join(output_dir, "samples.jsonl")
+        self.show = show
+        self.wandb = None
+        if not self.is_main:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        for p in (self.path, self.samples_path):
+            if os.path.exists(p):
+                keep = []
+                if resume_step is not None:
+                    with open(p) as f:
+                        keep = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+                with open(p, "w") as f:
+                    f.writelines(keep)
+        if wandb_project:
+            try:
+                import wandb
+
+                self.wandb = wandb.init(project=wandb_project, config=config, dir=output_dir)
+            except ImportError:
+                print0("wandb is not installed: logging to metrics.jsonl only")
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.is_main:
+            return
+        row = {"step": step, **{k: (float(v) if isinstance(v, (int, float, np.floating)) else v) for k, v in metrics.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        keys = self.show or list(metrics)
+        print0(f"step {step:>5} | " + " | ".join(f"{k} {_fmt(metrics[k])}" for k in keys if k in metrics))
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def log_samples(self, step: int, rows: list[dict]) -> None:
+        if not self.is_main:
+            return
+        with open(self.samples_path, "a") as f:
+            for r in rows:
+                f.write(json.dumps({"step": step, **r}) + "\n")
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+class Timer:
+    """`with Timer() as t: ...; t.seconds`"""
+
+    def __enter__(self):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.seconds = time.perf_counter() - self.start
