@@ -424,8 +424,10 @@ class _Verifier:
 _VERIFIER = _Verifier()
 
 
-def verify_answer(completion: str, gold: str, timeout: float = 5.0) -> float:
+def verify_answer(completion: str, gold: str, timeout: float = 5.0, exact_shortcut: bool = True) -> float:
     """1.0 if the last `\\boxed{}` of `completion` equals `gold` by math-verify, else 0.0. Never raises.
+
+    Identical strings (spaces aside) are accepted without calling math-verify (`exact_shortcut`).
 
     >>> verify_answer(r"... so the answer is \\boxed{\\dfrac{1}{2}}", "0.5")
     1.0
@@ -438,7 +440,7 @@ def verify_answer(completion: str, gold: str, timeout: float = 5.0) -> float:
         if len(pred) > _MAX_ANSWER_CHARS:
             VERIFY_STATS["too_long"] += 1
             return 0.0
-        if pred.replace(" ", "") == str(gold).replace(" ", ""):
+        if exact_shortcut and pred.replace(" ", "") == str(gold).replace(" ", ""):
             return 1.0
         score, err = _VERIFIER("\\boxed{" + str(gold) + "}", "\\boxed{" + pred + "}", timeout)
         if err == "timeout" or err == "TimeoutException":
@@ -659,7 +661,8 @@ def sample(model, tokenizer, prompts: list[str], n: int = 1, max_new_tokens: int
     Under FSDP the parameters are gathered once for the whole call (`gathered_params`).
     """
     device = next(model.parameters()).device
-    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    # a rank with no prompts still joins the FSDP all-gather below, so an empty list must work
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"] if prompts else []
     jobs = [i for i in range(len(prompts)) for _ in range(n)]
     # similar lengths in a micro-batch waste less on padding
     order = sorted(range(len(jobs)), key=lambda j: len(prompt_ids[jobs[j]]))
@@ -696,7 +699,7 @@ def sample(model, tokenizer, prompts: list[str], n: int = 1, max_new_tokens: int
     return {
         "prompt_ids": [prompt_ids[i] for i in jobs],
         "completion_ids": comp_ids,
-        "texts": tokenizer.batch_decode(comp_ids, skip_special_tokens=True),
+        "texts": tokenizer.batch_decode(comp_ids, skip_special_tokens=True) if comp_ids else [],
         "eos": ended,
     }
 
@@ -763,6 +766,10 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         logps.append(lp)
         ents.append(ent)
     logp = torch.cat(logps).view(B, T1)
+    if not torch.is_grad_enabled() and fsdp_modules(model):
+        # FSDP keeps the root's parameters gathered after forward for the backward; with no backward
+        # coming they would stay gathered (and an optimizer or checkpoint would see the wrong tensors)
+        model.reshard()
     if with_entropy:
         return logp, torch.cat(ents).view(B, T1)
     return logp

@@ -1,0 +1,84 @@
+"""Run by test_common.py under `torchrun --nproc_per_node 2`: FSDP2 step, sampling, checkpoint, export."""
+
+import copy
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+import common
+
+
+def full_state(model):  # gathered on rank 0 only
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def max_diff(a, b):
+    return max(((a[k].float() - b[k].float()).abs().max().item() for k in a), default=0.0)  # {} off rank 0
+
+
+def main(out_dir):
+    info = common.init_distributed()
+    common.seed_everything(0, info.rank)
+    tok = common.load_tokenizer("tiny")
+    model = common.load_model("tiny", info.device)
+    plain = copy.deepcopy(model)
+    common.shard_model(model, info.device)
+    result = {}
+
+    batch = common.make_batch([[3, 4, 5, 6 + info.rank]], [[7, 8, 9]], tok.pad_token_id)
+    with torch.no_grad():
+        sharded = common.token_logprobs(model, batch["input_ids"], batch["attention_mask"], chunk_tokens=2)
+        reference = common.token_logprobs(plain, batch["input_ids"], batch["attention_mask"])
+    result["sharded_logprob_max_diff"] = (sharded - reference).abs().max().item()
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scheduler = common.cosine_schedule(optimizer, total_steps=10, warmup_ratio=0.0)
+
+    def step():
+        logps = common.token_logprobs(model, batch["input_ids"], batch["attention_mask"])
+        loss = -common.masked_mean(logps, batch["completion_mask"])
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        return common.all_reduce_dict({"loss": loss.item()})["loss"]
+
+    before = step()
+    with torch.no_grad():
+        after = -common.masked_mean(common.token_logprobs(model, batch["input_ids"], batch["attention_mask"]),
+                                    batch["completion_mask"]).item()
+    result["loss_decreased"] = common.all_reduce_dict({"after": after})["after"] < before
+
+    # rank 1 decodes six times longer than rank 0: no per-token collective, so no rank waits for another
+    length = 4 if info.rank == 0 else 24
+    out = common.sample(model, tok, [common.question_prompt(tok, "2+2?")], n=2, max_new_tokens=length,
+                        min_new_tokens=length, temperature=1.0)
+    result["sample_lengths"] = common.gather_objects([len(c) for c in out["completion_ids"]])
+
+    common.save_checkpoint(out_dir, 1, model, optimizer, scheduler, extra={"data_position": 7})
+    saved = full_state(model)
+    step()
+    result["changed_after_save"] = max_diff(saved, full_state(model))
+    extra = common.load_checkpoint(common.latest_checkpoint(out_dir), model, optimizer, scheduler)
+    assert extra == {"step": 1, "data_position": 7}, extra
+    assert scheduler.last_epoch == 1
+    result["restore_max_diff"] = max_diff(saved, full_state(model))
+
+    common.export_hf(model, tok, os.path.join(out_dir, "hf"))
+    if info.is_main:
+        from transformers import AutoModelForCausalLM
+
+        reloaded = AutoModelForCausalLM.from_pretrained(os.path.join(out_dir, "hf"), dtype=torch.float32)
+        result["export_max_diff"] = max_diff(saved, reloaded.state_dict())
+        with open(os.path.join(out_dir, "result.json"), "w") as f:
+            json.dump(result, f)
+    dist.barrier()
+    common.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

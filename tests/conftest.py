@@ -1,0 +1,46 @@
+"""Shared test helpers: the repository root on sys.path, a tiny model, and a torchrun launcher."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+SHARED_DATA = os.path.join(ROOT, "..", "shared", "data")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_torchrun(script: str, args: list[str], nproc: int = 2, timeout: int = 300, env: dict | None = None,
+                 check: bool = True) -> subprocess.CompletedProcess:
+    """Launch `script` (relative to the repo root, or a path) on `nproc` gloo ranks with torchrun."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), script, *args]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+                "PYTHONPATH": ROOT, **(env or {})}
+    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_path():
+    import common
+
+    return common.build_tiny_model()
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_path):
+    """(model, tokenizer) of the tiny random-weight model, unsharded, fp32, on CPU."""
+    import common
+
+    return common.load_model("tiny", common.torch.device("cpu")), common.load_tokenizer("tiny")
