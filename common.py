@@ -204,6 +204,29 @@ def build_tiny_model(path: str | None = None, seed: int = 0) -> str:
     return path
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def check_model_name(name: str) -> None:
+    """Fail fast, before anything is loaded, on a model that can be neither built, read nor downloaded."""
+    if name == "tiny":
+        return
+    if os.path.isdir(name):
+        if not os.path.exists(os.path.join(name, "config.json")):
+            raise ValueError(f"model directory {name!r} has no config.json (expected an exported HF directory)")
+        return
+    if not _HUB_ID.match(name):  # a path that does not exist, or not of the form org/name
+        raise ValueError(f"model {name!r} is neither a local directory, `tiny`, nor a hub id like Qwen/Qwen2.5-3B-Instruct")
+
+
+def check_dataset_name(source: str) -> None:
+    """Same for a dataset: `synthetic`, an existing .jsonl/.json/.parquet file, or a hub id."""
+    if source == "synthetic" or os.path.isfile(source):
+        return
+    if source.endswith((".jsonl", ".json", ".parquet")) or os.path.exists(source) or not _HUB_ID.match(source):
+        raise ValueError(f"dataset {source!r} is neither `synthetic`, a readable .jsonl/.json/.parquet file, nor a hub id")
+
+
 def load_tokenizer(name: str):
     """Tokenizer with left padding (generation appends on the right) and a pad token."""
     from transformers import AutoTokenizer
@@ -241,12 +264,27 @@ def load_model(name: str, device: torch.device, gradient_checkpointing: bool = F
     return model
 
 
+def device_mesh(device: torch.device, hybrid: bool = False):
+    """1-D mesh over all ranks (FSDP), or 2-D (node, local rank) for hybrid sharding (HSDP).
+
+    With `hybrid`, parameters are sharded within a node and replicated across nodes, so the per-layer
+    all-gathers stay on the fast intra-node links and only the gradient all-reduce crosses nodes.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world = dist.get_world_size()
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if hybrid and world > per_node:
+        return init_device_mesh(device.type, (world // per_node, per_node), mesh_dim_names=("replicate", "shard"))
+    return init_device_mesh(device.type, (world,), mesh_dim_names=("shard",))
+
+
 def shard_model(model, device: torch.device, mesh=None, trainable: bool = True):
     """FSDP2: `fully_shard` every decoder layer, then the root (embeddings, final norm, lm_head).
 
     On GPU the policy computes in bf16 and reduces gradients in fp32; on CPU everything stays fp32.
     A frozen model (the reference) is sharded the same way and just never gets an optimizer.
-    `mesh` may be 2-D (replicate, shard) for hybrid sharding across nodes.
+    `mesh` may be 2-D (replicate, shard) for hybrid sharding across nodes (see `device_mesh`).
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -254,10 +292,7 @@ def shard_model(model, device: torch.device, mesh=None, trainable: bool = True):
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     else:
         mp = MixedPrecisionPolicy()
-    if mesh is None:
-        from torch.distributed.device_mesh import init_device_mesh
-
-        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    mesh = mesh if mesh is not None else device_mesh(device)
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
