@@ -4,7 +4,6 @@ its errors before loading, and the plot command."""
 import itertools
 import json
 import math
-import os
 import subprocess
 import sys
 
@@ -72,10 +71,12 @@ def test_no_flag_is_taken_by_torchrun():
     """torchrun reads any flag that abbreviates one of its own, even after the script name."""
     from torch.distributed.run import get_args_parser
 
-    torchrun_flags = [s for a in get_args_parser()._actions for s in a.option_strings]
+    def norm(flag):  # --max-restarts and --max_restarts are one flag
+        return flag.lstrip("-").replace("-", "_")
+
+    torchrun_flags = [norm(s) for a in get_args_parser()._actions for s in a.option_strings if s.startswith("--")]
     for name in ev.Args.__dataclass_fields__:
-        flag = "--" + name
-        assert not [t for t in torchrun_flags if t.startswith(flag) or t.replace("-", "_").startswith(flag)], flag
+        assert not [t for t in torchrun_flags if t.startswith(name)], name
 
 
 def test_torchrun_two_ranks_table_and_samples(tmp_path, tiny_path):
@@ -98,8 +99,8 @@ def test_torchrun_two_ranks_table_and_samples(tmp_path, tiny_path):
 
 @pytest.mark.parametrize("flags, message", [
     (["--num_samples", "2", "--ks", "1", "4"], "k <= n"),
-    (["--model", "/nonexistent/run/hf"], "no model directory"),
-    (["--dataset", "/nonexistent/test.jsonl"], "not found"),
+    (["--model", "/nonexistent/run/hf"], "neither a local directory"),
+    (["--dataset", "/nonexistent/test.jsonl"], "readable"),
 ])
 def test_bad_flags_fail_with_one_line_before_loading(flags, message):
     proc = subprocess.run([sys.executable, "eval.py", *flags], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -115,7 +116,7 @@ def test_plot_writes_png(tmp_path):
         run.mkdir()
         lines = []
         for step in range(1, 11):
-            row = {"step": step, "reward": slope * step, "kl": 0.001 * step, "expl_nll": 2 - 0.1 * step, "lr": 1e-6}
+            row = {"step": step, "reward": slope * step, "kl": 0.001 * step, "nll_explanation": 2 - 0.1 * step, "lr": 1e-6}
             if step % 5 == 0:
                 row.update({"eval/accuracy": slope * step, "eval/pass@4": 2 * slope * step})
             lines.append(json.dumps(row) + "\n")
@@ -125,7 +126,9 @@ def test_plot_writes_png(tmp_path):
                            "--out", str(png)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "eval/accuracy, eval/pass@4, reward, kl, expl_nll" in proc.stdout  # `lr` is not a known curve
+    assert "eval/accuracy, eval/pass@4, reward, kl, nll_explanation" in proc.stdout  # `lr` is not a known curve
+    runs = [str(tmp_path / "grpo"), str(tmp_path / "expo")]
+    assert ev.plot(runs, str(tmp_path / "pass.png"), keys=[r"eval/pass@\d+"]) == ["eval/pass@4"]
     missing = subprocess.run([sys.executable, "eval.py", "plot", str(tmp_path / "nope"), "--out", str(png)],
                              cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert missing.returncode != 0 and "metrics.jsonl" in missing.stderr and "Traceback" not in missing.stderr

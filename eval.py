@@ -1,0 +1,305 @@
+"""Evaluation: n samples per problem, unbiased pass@k, and the paper's Table 3 (pass@k by difficulty level).
+
+    # 4 GPUs: the exported model of a training run on the MATH test set (the paper's Table 3)
+    torchrun --nproc_per_node 4 eval.py --model OUTPUT_DIR/hf --dataset ../shared/data/math/test.jsonl
+    # one GPU, any hub model, level 5 only, 8 samples per problem
+    python eval.py --model Qwen/Qwen2.5-3B-Instruct --dataset ../shared/data/math/test.jsonl --levels 5 --num_samples 8
+    # CPU demo: the tiny random model on synthetic problems (accuracy 0, but every code path runs)
+    python eval.py --model tiny --dataset synthetic --limit 20 --num_samples 2 --max_new_tokens 32
+    # training curves (eval accuracy, pass@k, reward, KL, explanation NLL) of several runs on one figure
+    python eval.py plot runs/expo_grpo runs/grpo --out curves.png
+
+Every rank samples its share of the problems (rows[rank::world]); the per-sample results are gathered, so
+every rank returns the same table. The training scripts call `evaluate` every `--eval_every` steps.
+A note on flag names: torchrun takes any flag that abbreviates one of its own (`--n` would become
+`--nnodes`), so the sample count is `--num_samples` and no flag here is a prefix of a torchrun flag.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sys
+from dataclasses import asdict, dataclass, field
+
+import torch.distributed as dist
+
+import common
+
+
+@dataclass
+class Args:
+    model: str = field(default="tiny", metadata={"help": "exported checkpoint directory (OUTPUT_DIR/hf), hub id, or `tiny`"})
+    dataset: str = field(default="synthetic", metadata={"help": "hub id, local .jsonl/.json/.parquet file, or `synthetic`"})
+    split: str = field(default="test", metadata={"help": "dataset split (hub datasets and `synthetic`)"})
+    config: str | None = field(default=None, metadata={"help": "dataset config name (hub datasets)"})
+    levels: str = field(default="all", metadata={"help": "difficulty levels to keep: `5`, `3-5`, `1,3` or `all`"})
+    limit: int | None = field(default=None, metadata={"help": "evaluate on at most this many problems"})
+    num_samples: int = field(default=4, metadata={"help": "n: samples per problem (the paper uses 4)"})
+    ks: list[int] = field(default_factory=list, metadata={"help": "k values for pass@k, each <= n (default: 1, powers of 2 up to n, and n)"})
+    temperature: float = field(default=0.7, metadata={"help": "sampling temperature (the paper: 0.7)"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling threshold"})
+    max_new_tokens: int = field(default=1024, metadata={"help": "longest completion; longer ones are cut and usually wrong"})
+    micro_batch_size: int = field(default=16, metadata={"help": "completions generated together per rank"})
+    output: str | None = field(default=None, metadata={"help": "directory for eval.json and samples.jsonl (default: eval_results/MODEL-DATASET)"})
+    seed: int = field(default=0, metadata={"help": "sampling seed (each rank gets its own stream)"})
+
+
+# ----------------------------------------------------------------------------------------------------
+# pass@k and the table
+# ----------------------------------------------------------------------------------------------------
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k) (Chen et al., 2021).
+
+    The chance that k samples drawn without replacement from the n hold at least one correct one.
+    Computed as the product 1 - prod_{i=n-c+1}^{n} (1 - k/i), which never forms the huge binomials.
+    Example: n=4, c=1, k=2 -> 1 - C(3,2)/C(4,2) = 1 - 3/6 = 0.5.
+    """
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
+    if n - c < k:  # every k-subset holds a correct sample
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def default_ks(n: int) -> list[int]:
+    """1, every power of 2 below n, and n: n=4 -> [1, 2, 4]; n=6 -> [1, 2, 4, 6]."""
+    return sorted({1, n} | {2**i for i in range(1, n.bit_length()) if 2**i < n})
+
+
+def group_stats(correct_counts: list[int], n: int, ks: list[int]) -> dict:
+    """Count, mean accuracy and mean pass@k over problems, given each problem's number of correct samples."""
+    m = len(correct_counts)
+    stats = {"count": m, "accuracy": sum(correct_counts) / (m * n) if m else float("nan")}
+    for k in ks:
+        stats[f"pass@{k}"] = sum(pass_at_k(n, c, k) for c in correct_counts) / m if m else float("nan")
+    return stats
+
+
+def _natural(key: str):
+    """Sort key that puts numbers in numeric order: level 2 before level 10, pass@2 before pass@16."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key)]
+
+
+def summarize(samples: list[dict], n: int, ks: list[int]) -> dict:
+    """The table from the gathered samples: overall figures, then `by_level` and `by_subject` groups.
+
+    Keys of the groups are strings (as in the JSON file): levels "1".."5", "unknown" where a dataset
+    has no level or subject (GSM8K).
+    """
+    problems: dict[int, dict] = {}
+    for s in samples:
+        p = problems.setdefault(s["problem_index"], {"level": s["level"], "subject": s["subject"], "correct": 0})
+        p["correct"] += int(s["correct"])
+    overall = group_stats([p["correct"] for p in problems.values()], n, ks)
+    summary = {"num_problems": overall.pop("count"), "n": n, **overall,
+               "mean_completion_tokens": sum(s["num_tokens"] for s in samples) / max(1, len(samples)),
+               "truncated": sum(s["truncated"] for s in samples) / max(1, len(samples))}
+    for by in ("level", "subject"):
+        groups: dict[str, list[int]] = {}
+        for p in problems.values():
+            key = "unknown" if p[by] is None else str(p[by])
+            groups.setdefault(key, []).append(p["correct"])
+        summary[f"by_{by}"] = {key: group_stats(groups[key], n, ks) for key in sorted(groups, key=_natural)}
+    return summary
+
+
+def scalar_metrics(summary: dict, prefix: str = "eval/") -> dict[str, float]:
+    """The figures a training run logs: overall accuracy and pass@k, and pass@k per level.
+
+    Example: {"eval/accuracy": 0.4, "eval/pass@4": 0.6, "eval/level5/pass@4": 0.1, ...}
+    """
+    out = {f"{prefix}{k}": v for k, v in summary.items() if isinstance(v, (int, float)) and k != "n"}
+    for level, stats in summary["by_level"].items():
+        if level != "unknown":  # a dataset without levels (GSM8K) has the overall figures only
+            out.update({f"{prefix}level{level}/{k}": v for k, v in stats.items() if k.startswith("pass@")})
+    return out
+
+
+def markdown_table(groups: dict[str, dict], overall: dict, title: str, ks: list[int]) -> str:
+    """| Level | Count | pass@1 | pass@2 | pass@4 | in percent, one row per group and an `All` row."""
+    lines = [f"| {title} | Count | " + " | ".join(f"pass@{k}" for k in ks) + " |",
+             "|---|---:|" + "---:|" * len(ks)]
+    for name, stats in [*groups.items(), ("All", overall)]:
+        cells = " | ".join(f"{100 * stats[f'pass@{k}']:.1f}" for k in ks)
+        lines.append(f"| {name} | {stats['count']} | {cells} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation (called by the training scripts too)
+# ----------------------------------------------------------------------------------------------------
+
+
+def evaluate(model, tokenizer, rows: list[dict], n: int = 4, temperature: float = 0.7, max_new_tokens: int = 1024,
+             micro_batch_size: int = 16, ks: list[int] | None = None, top_p: float = 1.0) -> tuple[dict, list[dict]]:
+    """Sample n completions per problem under the question prompt, verify them, and tabulate pass@k.
+
+    `rows` (common.load_problems rows) must be the same list on every rank; this rank takes
+    rows[rank::world]. Every rank must call this (a sharded model gathers its parameters collectively),
+    and every rank gets the same (summary, samples): samples holds each of the len(rows) * n samples
+    once, ordered by problem then sample index.
+    """
+    ks = sorted(ks or default_ks(n))
+    if ks[-1] > n:
+        raise ValueError(f"pass@k needs k <= n: k={ks[-1]} > n={n}")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    indices = list(range(rank, len(rows), world))
+    prompts = [common.question_prompt(tokenizer, rows[i]["question"]) for i in indices]
+    out = common.sample(model, tokenizer, prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
+                        top_p=top_p, micro_batch_size=micro_batch_size, desc="eval")
+    local = []
+    for j, text in enumerate(out["texts"]):  # prompt-major: completion j belongs to problem j // n
+        row = rows[indices[j // n]]
+        local.append({
+            "problem_index": indices[j // n], "sample_index": j % n, "question": row["question"],
+            "gold": row["answer"], "level": row["level"], "subject": row["subject"], "completion": text,
+            "extracted": common.extract_boxed(text), "correct": bool(common.verify_answer(text, row["answer"])),
+            "num_tokens": len(out["completion_ids"][j]), "truncated": not out["eos"][j],
+        })
+    samples = [s for part in common.gather_objects(local) for s in part]
+    samples.sort(key=lambda s: (s["problem_index"], s["sample_index"]))
+    return summarize(samples, n, ks), samples
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training curves: `eval.py plot RUN_DIR [RUN_DIR ...] --out FILE.png`
+# ----------------------------------------------------------------------------------------------------
+
+# metrics.jsonl keys (of expo_grpo.py and expo_dpo.py) worth a panel by default, in panel order: regular
+# expressions, every match its own panel. Per-level curves on demand: --keys 'eval/level5/.*'
+PLOT_KEYS = [r"eval/accuracy", r"eval/pass@\d+", r"reward", r"solved", r"kl", r"sft_loss",
+             r"nll_(explanation|expert)|expl_nll", r"expl_verified", r"answer_logp_after_(explanation|cot)",
+             r"loss", r"reward_accuracy", r"margin", r"logps_(chosen|rejected)", r"pairs/cot_accuracy"]
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: pass the OUTPUT_DIR of a training run")
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot(run_dirs: list[str], out: str, keys: list[str] | None = None) -> list[str]:
+    """One panel per metric present in any run, one line per run, over the step; returns the keys drawn.
+
+    `keys`: regular expressions matched against the metric names (default: PLOT_KEYS).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    runs = {os.path.basename(os.path.normpath(d)) or d: read_metrics(d) for d in run_dirs}
+    present = {k for rows in runs.values() for row in rows for k, v in row.items()
+               if isinstance(v, (int, float)) and k != "step"}
+    keys = list(dict.fromkeys(k for pattern in (keys or PLOT_KEYS) for k in sorted(present, key=_natural)
+                              if re.fullmatch(pattern, k)))
+    if not keys:
+        raise ValueError(f"no known metric in {run_dirs}; present: {sorted(present)}")
+    cols = min(3, len(keys))
+    rows_ = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(rows_, cols, figsize=(5 * cols, 3.5 * rows_), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        for name, rows in runs.items():
+            points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+            if points:
+                ax.plot(*zip(*points), marker="o" if key.startswith("eval/") else None, markersize=3, label=name)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return keys
+
+
+def plot_main(argv: list[str]) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="eval.py plot", description="Training curves of one or more runs as a PNG.")
+    parser.add_argument("run_dirs", nargs="+", help="OUTPUT_DIRs of training runs (each holds metrics.jsonl)")
+    parser.add_argument("--out", default="curves.png", help="PNG file to write")
+    parser.add_argument("--keys", nargs="*", help="metrics to draw, as regular expressions (default: PLOT_KEYS)")
+    a = parser.parse_args(argv)
+    try:
+        keys = plot(a.run_dirs, a.out, a.keys)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    print(f"wrote {a.out}: {', '.join(keys)}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line: check everything that can be checked before a model is loaded
+# ----------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    from transformers import HfArgumentParser
+
+    args = HfArgumentParser(Args).parse_args_into_dataclasses()[0]
+    ks = sorted(set(args.ks)) or default_ks(args.num_samples)
+    levels = common.parse_levels(args.levels)
+    model_slug = re.sub(r"[^\w.-]+", "_", args.model.strip("/"))
+    data_slug = re.sub(r"[^\w.-]+", "_", os.path.splitext(args.dataset)[0].strip("./"))
+    args.output = args.output or os.path.join("eval_results", f"{model_slug}-{data_slug}")
+    try:
+        if args.num_samples < 1 or ks[0] < 1 or ks[-1] > args.num_samples:
+            raise ValueError(f"need 1 <= k <= n for every k: --ks {ks} with --num_samples {args.num_samples}")
+        common.check_model_name(args.model)
+        common.check_dataset_name(args.dataset)
+        rows, data_stats = common.load_problems(args.dataset, split=args.split, config=args.config, levels=levels,
+                                                limit=args.limit, seed=args.seed)
+        if not rows:
+            raise ValueError(f"no problems in {args.dataset!r} (split {args.split}, levels {args.levels}): {dict(data_stats)}")
+        try:
+            tokenizer = common.load_tokenizer(args.model)
+        except OSError as e:  # not a local directory: transformers asked the hub
+            raise ValueError(f"--model {args.model!r}: no local model directory, and from the hub: {e}") from e
+    except Exception as e:  # a clear one-line message instead of a traceback from every rank
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        sys.exit(f"error: {message}")
+
+    info = common.init_distributed()
+    common.seed_everything(args.seed, info.rank)
+    common.print0(f"eval {args.model} on {args.dataset}: {len(rows)} problems x {args.num_samples} samples, "
+                  f"world size {info.world_size}, temperature {args.temperature}, pass@{ks}, data {dict(data_stats)}")
+    model = common.load_model(args.model, info.device)
+    model = common.shard_model(model, info.device, trainable=False)
+
+    with common.Timer() as timer:
+        summary, samples = evaluate(model, tokenizer, rows, n=args.num_samples, temperature=args.temperature,
+                                    max_new_tokens=args.max_new_tokens, micro_batch_size=args.micro_batch_size,
+                                    ks=ks, top_p=args.top_p)
+    total_tokens = sum(s["num_tokens"] for s in samples)
+    common.print0(f"{len(samples)} samples in {timer.seconds:.1f}s ({total_tokens / timer.seconds:.0f} tokens/s), "
+                  f"accuracy {100 * summary['accuracy']:.1f}%, mean length {summary['mean_completion_tokens']:.0f} "
+                  f"tokens, truncated {100 * summary['truncated']:.1f}%, rank 0 verify {dict(common.VERIFY_STATS)}")
+    overall = {"count": summary["num_problems"], **summary}
+    common.print0("\n" + markdown_table(summary["by_level"], overall, "Level", ks))
+    common.print0("\n" + markdown_table(summary["by_subject"], overall, "Subject", ks) + "\n")
+
+    if info.is_main:
+        os.makedirs(args.output, exist_ok=True)
+        with open(os.path.join(args.output, "eval.json"), "w") as f:
+            json.dump({"args": asdict(args), "ks": ks, **summary}, f, indent=2)
+        with open(os.path.join(args.output, "samples.jsonl"), "w") as f:
+            f.writelines(json.dumps(s) + "\n" for s in samples)
+        print(f"wrote {args.output}/eval.json and samples.jsonl", flush=True)
+    common.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "plot":
+        plot_main(sys.argv[2:])
+    else:
+        main()
