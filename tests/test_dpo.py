@@ -2,7 +2,6 @@
 split of pairs over ranks, flag validation, gradient equivalence of 1 and 2 ranks, and 2-process torchrun
 runs (offline with resume, online with --regen_every 1) on the tiny model."""
 
-import dataclasses
 import json
 import math
 import os
@@ -14,7 +13,7 @@ import torch
 
 import common
 import expo_dpo
-from conftest import ROOT, run_torchrun
+from conftest import run_torchrun
 
 # ----------------------------------------------------------------------------------------------------
 # dpo_loss
@@ -215,6 +214,8 @@ BAD_FLAGS = [
     (dict(temperature=0.0), 1, "--temperature"),
     (dict(warmup_ratio=1.5), 1, "--warmup_ratio"),
     (dict(resume=True), 1, "no checkpoint"),
+    (dict(model="no/such/model"), 1, "model"),
+    (dict(dataset="missing.jsonl"), 1, "dataset"),
 ]
 
 
@@ -232,11 +233,13 @@ def test_validate_args_accepts_the_defaults_on_4_ranks(tmp_path):
 def test_no_flag_is_swallowed_by_torchrun():
     # torchrun's argparse takes any flag that abbreviates one of its own, even after the script name
     from torch.distributed.run import get_args_parser
+    from transformers import HfArgumentParser
 
     theirs = [o for a in get_args_parser()._actions for o in a.option_strings if o.startswith("--")]
-    for f in dataclasses.fields(expo_dpo.Args):
-        for ours in (f"--{f.name}", f"--no_{f.name}"):
-            assert not any(t.startswith(ours) for t in theirs), f"{ours} abbreviates a torchrun flag"
+    ours = [o for a in HfArgumentParser(expo_dpo.Args)._actions for o in a.option_strings if o != "--help"]
+    assert "--regen_every" in ours and "--no_gradient_checkpointing" in ours
+    for flag in ours:
+        assert not any(t.startswith(flag) for t in theirs), f"{flag} abbreviates a torchrun flag"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -244,23 +247,28 @@ def test_no_flag_is_swallowed_by_torchrun():
 # ----------------------------------------------------------------------------------------------------
 
 GRAD_SCRIPT = textwrap.dedent("""
-    import sys, torch
+    import torch
     import common, expo_dpo
     info = common.init_distributed()
     tok = common.load_tokenizer("tiny")
     pairs = [{"qid": i, "question": f"What is {i} + {i}?", "chosen": f"{i} + {i} = {2 * i}, \\\\boxed{{{2 * i}}}",
               "rejected": "x" * (i + 1), "ref_chosen_logp": -60.0 - 7 * i, "ref_rejected_logp": -40.0 + 3 * i}
-             for i in range(5)]  # 5 pairs over 2 ranks in micro-batches of 2: uneven shares and a dummy
+             for i in range(5)]
     sharded = common.shard_model(common.load_model("tiny", info.device), info.device)
-    expo_dpo.dpo_backward(sharded, tok, pairs, 0.5, info.rank, info.world_size, 2, info.device)
-    grads = {n: p.grad.full_tensor() for n, p in sharded.named_parameters()}
-    if info.rank == 0:
-        single = common.load_model("tiny", info.device)  # one process holding every pair
-        expo_dpo.dpo_backward(single, tok, pairs, 0.5, 0, 1, 2, info.device)
-        worst = max((grads[n] - p.grad).abs().max().item() / (p.grad.abs().max().item() + 1e-12)
-                    for n, p in single.named_parameters())
+    single = common.load_model("tiny", info.device)  # one process holding every pair
+    # 5 pairs in micro-batches of 2: uneven shares and a dummy; 1 pair: rank 1 runs only a dummy
+    for n in (5, 1):
+        sums, _, _ = expo_dpo.dpo_backward(sharded, tok, pairs[:n], 0.5, info.rank, info.world_size, 2, info.device)
+        summed = common.all_reduce_dict(sums, "sum")  # fails if the ranks' metric keys differ
+        grads = {name: p.grad.full_tensor() for name, p in sharded.named_parameters()}
+        expo_dpo.dpo_backward(single, tok, pairs[:n], 0.5, 0, 1, 2, info.device)
+        worst = max((grads[name] - p.grad).abs().max().item() / (p.grad.abs().max().item() + 1e-12)
+                    for name, p in single.named_parameters())
         total = sum(p.grad.abs().sum().item() for p in single.parameters())
-        print(f"RESULT worst_rel_diff={worst:.3e} total_grad={total:.3e}")
+        if info.rank == 0:
+            print(f"RESULT n={n} worst_rel_diff={worst:.3e} total_grad={total:.3e} loss={summed['loss'] / n:.6f}")
+        sharded.zero_grad(set_to_none=True)
+        single.zero_grad(set_to_none=True)
     common.cleanup_distributed()
 """)
 
@@ -269,10 +277,11 @@ def test_two_ranks_give_the_gradient_of_one_rank(tmp_path, tiny_path):
     script = tmp_path / "grad_check.py"
     script.write_text(GRAD_SCRIPT)
     proc = run_torchrun(str(script), [], nproc=2, timeout=180)
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))
-    fields = dict(kv.split("=") for kv in line.split()[1:])
-    assert float(fields["total_grad"]) > 0
-    assert float(fields["worst_rel_diff"]) < 1e-4
+    results = [dict(kv.split("=") for kv in ln.split()[1:]) for ln in proc.stdout.splitlines() if ln.startswith("RESULT")]
+    assert [r["n"] for r in results] == ["5", "1"]
+    for r in results:
+        assert float(r["total_grad"]) > 0 and math.isfinite(float(r["loss"]))
+        assert float(r["worst_rel_diff"]) < 1e-4
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -317,22 +326,34 @@ def test_offline_run_checkpoint_and_resume(tmp_path, tiny_path):
     state = torch.load(os.path.join(out, "checkpoint-2", "trainer_state.pt"), weights_only=False)
     assert state["step"] == 2 and state["extra"]["round"] == 0 and state["extra"]["pairs_path"] == pairs_path
 
+    # resume for 2 more steps; one pair of the last step gets a NaN reference log-prob, so that step's
+    # loss is NaN on one rank: the step must be skipped on both ranks together, and counted
+    last_step_qids = common.global_batch(list(range(12)), 3, 4, seed=42)  # the seed is Args' default
+    poisoned = [{**p, "ref_chosen_logp": float("nan")} if p["qid"] == last_step_qids[0] else p for p in pairs]
+    with open(pairs_path, "w") as f:
+        f.writelines(json.dumps(p) + "\n" for p in poisoned)
     before = open(pairs_path).read()
-    proc = run_torchrun("expo_dpo.py", args + ["--max_steps", "3", "--resume"])
+    proc = run_torchrun("expo_dpo.py", args + ["--max_steps", "4", "--resume"])
     assert "resumed from" in proc.stdout and "at step 2" in proc.stdout
     rows = read_jsonl(os.path.join(out, "metrics.jsonl"))
-    assert [r["step"] for r in rows] == [1, 2, 3]
-    assert_finite(rows)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert_finite(rows[:3])
     assert "pairs/built" not in rows[2] and rows[2]["pairs/rounds_built"] == 1  # same pairs, not rebuilt
     assert open(pairs_path).read() == before
-    assert os.path.exists(os.path.join(out, "checkpoint-3"))
+    assert "non-finite loss or gradient, step skipped" in proc.stdout
+    assert rows[2]["nonfinite_steps"] == 0 and rows[3]["nonfinite_steps"] == 1
+    assert os.path.exists(os.path.join(out, "checkpoint-4"))
 
 
 def test_online_run_rebuilds_pairs_every_step(tmp_path, tiny_path):
     out = str(tmp_path / "online")
     run_torchrun("expo_dpo.py", TINY + ["--chosen", "expert", "--regen_every", "1", "--max_steps", "2",
-                                        "--output_dir", out])
+                                        "--output_dir", out, "--eval_every", "2", "--eval_dataset", "synthetic",
+                                        "--eval_limit", "4", "--eval_n", "2"])
     rows = read_jsonl(os.path.join(out, "metrics.jsonl"))
+    evals = [r for r in rows if "eval/accuracy" in r]
+    assert [r["step"] for r in evals] == [2] and "eval/pass@2" in evals[0]
+    rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2]
     assert_finite(rows)
     assert [r["pairs/rounds_built"] for r in rows] == [1, 2]

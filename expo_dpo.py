@@ -1,0 +1,440 @@
+"""ExP-DPO: DPO whose chosen response is the model's own verified self-explanation (arXiv 2507.02834, Table 2).
+
+For each question q with gold answer a*:
+  chosen   y+ = a self-explanation c~ ~ pi(.|q, a*) whose own \\boxed{} answer verifies against a*
+              (`--chosen expert`: the dataset's reference solution instead, the paper's c_E baseline)
+  rejected y- = a CoT the policy wrote for q alone, whose answer is WRONG (up to `--num_samples` tries)
+and both are scored as answers to the question alone:
+
+  L = -log sigmoid( beta [ (log pi(y+|q) - log ref(y+|q)) - (log pi(y-|q) - log ref(y-|q)) ] )
+
+A question with no wrong CoT, or no verified explanation, gives no pair that round (it is counted).
+`--regen_every 0` builds every pair once from the initial policy (offline); `--regen_every K` rebuilds the
+pairs of the next K steps with the current policy (online). The reference is always the initial model.
+**Decision**: a step takes the next `--batch_size` questions of the data order in both modes and trains on
+their pairs (at most one each), the loss averaged over the pairs present; `pairs/in_step` logs how many.
+So offline and online see the same questions at the same step, and differ only in when pairs are built.
+
+One GPU:     python expo_dpo.py --output_dir runs/dpo
+Four GPUs:   torchrun --nproc_per_node 4 expo_dpo.py     (the paper's setting, online, MATH train)
+Offline:     torchrun --nproc_per_node 4 expo_dpo.py --regen_every 0
+c_E arm:     torchrun --nproc_per_node 4 expo_dpo.py --chosen expert
+CPU demo:    torchrun --nproc_per_node 2 expo_dpo.py --model tiny --dataset synthetic --chosen expert \\
+                 --batch_size 4 --micro_batch_size 2 --num_samples 2 --max_new_tokens 16 --max_steps 4 \\
+                 --output_dir runs/dpo-demo
+(the tiny model has random weights: its explanations never verify, so the demo uses `--chosen expert`.)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from common import (
+    MetricsLogger, Timer, all_reduce_dict, check_dataset_name, check_model_name, cleanup_distributed, cosine_schedule,
+    explanation_prompt, export_hf, gather_objects, global_batch, init_distributed, latest_checkpoint, load_checkpoint,
+    load_model, load_problems, load_tokenizer, make_batch, parse_levels, print0, question_prompt, sample,
+    save_checkpoint, seed_everything, shard_model, token_logprobs, verify_answer,
+)
+
+
+@dataclass
+class Args:
+    # model and data
+    model: str = field(default="Qwen/Qwen2.5-3B-Instruct", metadata={"help": "hub id, local directory, or `tiny` (random-weight CPU model)"})
+    dataset: str = field(default="DigitalLearningGmbH/MATH-lighteval", metadata={"help": "hub id, .jsonl/.json/.parquet file, or `synthetic`"})
+    dataset_config: str | None = field(default=None, metadata={"help": "hub dataset config name"})
+    split: str = field(default="train", metadata={"help": "dataset split to train on"})
+    levels: str = field(default="all", metadata={"help": "difficulty levels to keep: `5`, `3-5`, `1,3` or `all`"})
+    limit: int = field(default=0, metadata={"help": "keep at most this many questions (0: all)"})
+    # pairs
+    chosen: Literal["explanation", "expert"] = field(default="explanation", metadata={"help": "chosen response: `explanation` (ExP-DPO) or `expert` (dataset solution, the c_E baseline)"})
+    num_samples: int = field(default=4, metadata={"help": "CoTs sampled per question to find a wrong one (the rejected response)"})
+    num_explanations: int = field(default=1, metadata={"help": "self-explanations sampled per question to find a verified one"})
+    regen_every: int = field(default=1, metadata={"help": "0: build all pairs once from the initial policy (offline); K: rebuild the pairs of the next K steps with the current policy (online)"})
+    temperature: float = field(default=0.9, metadata={"help": "sampling temperature for CoTs and explanations"})
+    max_new_tokens: int = field(default=1024, metadata={"help": "maximum length of a sampled response"})
+    gen_batch_size: int = field(default=32, metadata={"help": "sequences generated together per rank"})
+    # optimisation (appendix C.1)
+    beta: float = field(default=0.1, metadata={"help": "DPO temperature beta (> 0)"})
+    lr: float = field(default=5e-7, metadata={"help": "peak learning rate (AdamW)"})
+    warmup_ratio: float = field(default=0.05, metadata={"help": "fraction of steps of linear warm-up before the cosine decay"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0: off)"})
+    batch_size: int = field(default=16, metadata={"help": "global batch: questions per optimizer step, over all ranks (each gives at most one pair)"})
+    micro_batch_size: int = field(default=2, metadata={"help": "pairs per forward pass per rank (gradient accumulation over the rest)"})
+    epochs: int = field(default=1, metadata={"help": "passes over the questions"})
+    max_steps: int = field(default=0, metadata={"help": "stop after this many optimizer steps (0: from epochs)"})
+    gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute activations in backward to save memory"})
+    seed: int = field(default=42, metadata={"help": "seed of sampling and data order"})
+    # evaluation, checkpoints, logging
+    eval_every: int = field(default=0, metadata={"help": "evaluate with eval.py every this many steps (0: never)"})
+    eval_dataset: str = field(default="HuggingFaceH4/MATH-500", metadata={"help": "evaluation data (same forms as --dataset)"})
+    eval_split: str = field(default="test", metadata={"help": "evaluation split"})
+    eval_limit: int = field(default=0, metadata={"help": "evaluate on at most this many problems (0: all)"})
+    eval_n: int = field(default=4, metadata={"help": "samples per evaluation problem (pass@k for k <= n)"})
+    output_dir: str = field(default="runs/expo-dpo", metadata={"help": "checkpoints, metrics.jsonl, pairs-round*.jsonl, hf/"})
+    save_every: int = field(default=100, metadata={"help": "checkpoint every this many steps (0: only at the end)"})
+    save_total_limit: int = field(default=2, metadata={"help": "checkpoints kept on disk"})
+    resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in output_dir"})
+    wandb_project: str | None = field(default=None, metadata={"help": "also log to this wandb project"})
+
+
+def validate_args(args: Args, world_size: int) -> None:
+    """Raise ValueError with a one-line message for a run that cannot work, before any model is loaded."""
+    if args.chosen not in ("explanation", "expert"):
+        raise ValueError(f"--chosen must be explanation or expert, got {args.chosen!r}")
+    if args.beta <= 0:
+        raise ValueError(f"--beta must be > 0 (beta 0 makes the loss a constant log 2), got {args.beta}")
+    if args.lr < 0:
+        raise ValueError(f"--lr must be >= 0, got {args.lr}")
+    for name in ("num_samples", "num_explanations", "max_new_tokens", "gen_batch_size", "batch_size",
+                 "micro_batch_size", "eval_n"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    for name in ("regen_every", "max_steps", "save_every", "eval_every", "limit", "eval_limit", "max_grad_norm",
+                 "weight_decay"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.temperature <= 0:
+        raise ValueError(f"--temperature must be > 0 (a wrong CoT is found by sampling), got {args.temperature}")
+    if not 0 <= args.warmup_ratio < 1:
+        raise ValueError(f"--warmup_ratio must be in [0, 1), got {args.warmup_ratio}")
+    if args.max_steps == 0 and args.epochs < 1:
+        raise ValueError(f"--epochs must be >= 1 when --max_steps is 0, got {args.epochs}")
+    if args.batch_size % world_size:
+        raise ValueError(f"--batch_size {args.batch_size} is not divisible by the world size {world_size}")
+    if (args.batch_size // world_size) % args.micro_batch_size:
+        raise ValueError(f"--batch_size {args.batch_size} / world size {world_size} = {args.batch_size // world_size} "
+                         f"questions per rank is not divisible by --micro_batch_size {args.micro_batch_size}")
+    if args.resume and latest_checkpoint(args.output_dir) is None:
+        raise ValueError(f"--resume: no checkpoint-* directory in {args.output_dir!r}")
+    check_model_name(args.model)
+    check_dataset_name(args.dataset)
+    if args.eval_every:
+        check_dataset_name(args.eval_dataset)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The algorithm: pairs, sequence log-probs, the DPO loss
+# ----------------------------------------------------------------------------------------------------
+
+
+def build_pairs(items: list[tuple[int, dict]], tokenizer, sampler, chosen: str = "explanation",
+                num_samples: int = 4, num_explanations: int = 1) -> tuple[list[dict], dict]:
+    """(chosen, rejected) text pairs for `items` = [(question id, row)], and counts of what happened.
+
+    `sampler(prompts, n) -> texts` returns n completions per prompt, prompt-major. It is called exactly
+    once for CoTs and (for `chosen == "explanation"`) once for explanations, whatever the data, even with
+    an empty list: under FSDP sampling is a collective, so every rank must call it equally often.
+    Example: gold 7, CoTs [\\boxed{7}, \\boxed{9}] and explanation "... \\boxed{7}" -> chosen = the
+    explanation, rejected = the \\boxed{9} CoT. CoTs [\\boxed{7}, \\boxed{7}] -> no pair (`all_correct`).
+    """
+    cots = sampler([question_prompt(tokenizer, row["question"]) for _, row in items], num_samples)
+    stats = {"questions": len(items), "cot_correct": 0.0, "all_correct": 0, "explained": 0, "explanations_verified": 0,
+             "unverified": 0, "no_solution": 0, "built": 0}
+    candidates = []  # (qid, row, wrong CoT): the questions that can still make a pair
+    for k, (qid, row) in enumerate(items):
+        rewards = [verify_answer(t, row["answer"]) for t in cots[k * num_samples : (k + 1) * num_samples]]
+        stats["cot_correct"] += sum(rewards)
+        wrong = [t for t, r in zip(cots[k * num_samples : (k + 1) * num_samples], rewards) if r == 0]
+        if wrong:
+            candidates.append((qid, row, wrong[0]))
+        else:
+            stats["all_correct"] += 1
+    if chosen == "explanation":
+        # only questions with a wrong CoT need an explanation: the others cannot make a pair anyway
+        texts = sampler([explanation_prompt(tokenizer, row["question"], row["answer"]) for _, row, _ in candidates],
+                        num_explanations)
+        positives = []
+        for k, (_, row, _) in enumerate(candidates):
+            group = texts[k * num_explanations : (k + 1) * num_explanations]
+            verified = [t for t in group if verify_answer(t, row["answer"]) == 1.0]
+            stats["explained"] += len(group)
+            stats["explanations_verified"] += len(verified)
+            positives.append(verified[0] if verified else None)
+            stats["unverified"] += not verified
+    else:
+        positives = [row.get("solution") for _, row, _ in candidates]
+        stats["no_solution"] = sum(p is None for p in positives)
+    pairs = [{"qid": qid, "question": row["question"], "answer": row["answer"], "level": row.get("level"),
+              "chosen": pos, "rejected": neg}
+             for (qid, row, neg), pos in zip(candidates, positives) if pos is not None]
+    stats["built"] = len(pairs)
+    return pairs, stats
+
+
+def sequence_logps(model, tokenizer, pairs: list[dict], device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """log pi(y|q) = sum over response tokens of log pi(y_t | q, y_<t), for chosen and rejected: (b,), (b,).
+
+    Both responses go under the QUESTION prompt (never the explanation prompt) in one forward pass of 2b
+    sequences. A response is its text's tokens plus EOS, the end of the assistant turn. Also returns the
+    number of tokens processed.
+    """
+    encode = lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]  # noqa: E731
+    prompts = encode([question_prompt(tokenizer, p["question"]) for p in pairs])
+    responses = encode([p["chosen"] for p in pairs] + [p["rejected"] for p in pairs])
+    responses = [r + [tokenizer.eos_token_id] for r in responses]
+    batch = make_batch(prompts + prompts, responses, tokenizer.pad_token_id, device)
+    logps = token_logprobs(model, batch["input_ids"], batch["attention_mask"])  # (2b, T-1)
+    seq_logps = (logps * batch["completion_mask"]).sum(-1)  # (2b,)
+    return seq_logps[: len(pairs)], seq_logps[len(pairs) :], int(batch["attention_mask"].sum())
+
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float):
+    """DPO loss (Rafailov et al. 2023) on sequence log-probs, each of shape (b,):
+
+        r+ = beta (log pi(y+) - log ref(y+)),   r- = beta (log pi(y-) - log ref(y-))   (implicit rewards)
+        L  = mean_i -log sigmoid(r+_i - r-_i)
+
+    Example: beta 0.1, log pi - log ref = +2 for y+ and -3 for y-: margin 0.5, L = log(1 + e^-0.5) = 0.474.
+    When pi == ref, L = log 2 = 0.693 for any pair. The loss can fall while log pi(y+) falls too, as long as
+    log pi(y-) falls faster (the paper's "deceptively low loss", appendix C.3): so the metrics hold the
+    policy log-probs of both sides, not only the loss and reward accuracy.
+    """
+    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps)  # (b,)
+    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps)  # (b,)
+    margins = chosen_rewards - rejected_rewards
+    loss = -F.logsigmoid(margins).mean()
+    metrics = {
+        "loss": loss.item(),
+        "reward_accuracy": (margins > 0).float().mean().item(),
+        "margin": margins.mean().item(),
+        "rewards_chosen": chosen_rewards.mean().item(),
+        "rewards_rejected": rejected_rewards.mean().item(),
+        "logps_chosen": policy_chosen_logps.mean().item(),
+        "logps_rejected": policy_rejected_logps.mean().item(),
+        "ref_logps_chosen": ref_chosen_logps.mean().item(),
+        "ref_logps_rejected": ref_rejected_logps.mean().item(),
+    }
+    return loss, metrics
+
+
+# ----------------------------------------------------------------------------------------------------
+# Plumbing: splitting pairs over ranks, reference scoring, gradient accumulation
+# ----------------------------------------------------------------------------------------------------
+
+
+def rank_micro_batches(pairs: list, rank: int, world_size: int, micro_batch_size: int) -> list[tuple[list, bool]]:
+    """This rank's share pairs[rank::world] in micro-batches, as (micro-batch, is_real).
+
+    Every rank gets the same number of micro-batches, because each FSDP forward is a collective; a rank
+    whose share runs out pads with a dummy (pairs[:1], False) that the caller weighs by 0.
+    Example: 3 pairs, 2 ranks, micro 1 -> rank 0: [([p0], True), ([p2], True)], rank 1: [([p1], True), ([p0], False)].
+    """
+    share = pairs[rank::world_size]
+    count = math.ceil(math.ceil(len(pairs) / world_size) / micro_batch_size)
+    batches = [share[i * micro_batch_size : (i + 1) * micro_batch_size] for i in range(count)]
+    return [(b, True) if b else (pairs[:1], False) for b in batches]
+
+
+@torch.no_grad()
+def score_reference(ref_model, tokenizer, pairs: list[dict], rank: int, world_size: int, micro_batch_size: int,
+                    device) -> None:
+    """Store ref log-probs in each pair (once per pair, at build time: they never change), on every rank."""
+    local = []
+    for mb, real in rank_micro_batches(pairs, rank, world_size, micro_batch_size):
+        chosen, rejected, _ = sequence_logps(ref_model, tokenizer, mb, device)
+        if real:
+            local += [(p["qid"], c, r) for p, c, r in zip(mb, chosen.tolist(), rejected.tolist())]
+    by_qid = {qid: (c, r) for part in gather_objects(local) for qid, c, r in part}
+    for p in pairs:
+        p["ref_chosen_logp"], p["ref_rejected_logp"] = by_qid[p["qid"]]
+
+
+def dpo_backward(model, tokenizer, step_pairs: list[dict], beta: float, rank: int, world_size: int,
+                 micro_batch_size: int, device) -> tuple[dict, float, int]:
+    """Accumulate the gradient of the DPO loss averaged over ALL `step_pairs` (the global batch).
+
+    A micro-batch of b pairs adds  mean_b(L) * b / N * world_size : summed over micro-batches it is
+    sum_local(L) / N * world_size, and FSDP's gradient average over ranks divides by world_size again, so
+    2 ranks with half the pairs each give exactly the gradient of 1 rank with all N pairs.
+    Returns this rank's metric sums (weighted by pairs), its summed loss and its token count.
+    """
+    n_pairs = len(step_pairs)
+    sums, loss_sum, tokens = {}, 0.0, 0
+    for mb, real in rank_micro_batches(step_pairs, rank, world_size, micro_batch_size):
+        chosen, rejected, n_tokens = sequence_logps(model, tokenizer, mb, device)
+        ref_chosen = torch.tensor([p["ref_chosen_logp"] for p in mb], device=device)
+        ref_rejected = torch.tensor([p["ref_rejected_logp"] for p in mb], device=device)
+        loss, metrics = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta)
+        weight = len(mb) * world_size / n_pairs if real else 0.0
+        (loss * weight).backward()
+        if real:
+            loss_sum += metrics["loss"] * len(mb)
+            tokens += n_tokens
+        for k, v in metrics.items():  # every key on every rank, even one with only dummies: all-reduced next
+            sums[k] = sums.get(k, 0.0) + (v * len(mb) if real else 0.0)
+    return sums, loss_sum, tokens
+
+
+def read_pairs(path: str) -> dict[int, dict]:
+    with open(path) as f:
+        return {p["qid"]: p for p in map(json.loads, f)}
+
+
+def run_eval(model, tokenizer, eval_rows, args: Args, step: int, logger: MetricsLogger) -> None:
+    from eval import evaluate, scalar_metrics  # imported here: training needs eval.py only with --eval_every
+
+    summary, _ = evaluate(model, tokenizer, eval_rows, n=args.eval_n, temperature=0.7,
+                          max_new_tokens=args.max_new_tokens, micro_batch_size=args.gen_batch_size)
+    scalars = scalar_metrics(summary)  # eval/accuracy, eval/pass@k, eval/level5/pass@k, ...
+    print0(f"eval at step {step}: " + " | ".join(f"{k} {v:.4g}" for k, v in scalars.items()))
+    logger.log(step, scalars)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------
+
+
+def main():
+    from transformers import HfArgumentParser
+
+    (args,) = HfArgumentParser(Args).parse_args_into_dataclasses()
+    info = init_distributed()
+    rank, world, device = info.rank, info.world_size, info.device
+    try:
+        validate_args(args, world)
+        rows, data_stats = load_problems(args.dataset, args.split, args.dataset_config, parse_levels(args.levels),
+                                         args.limit or None, args.seed)
+        eval_rows = (load_problems(args.eval_dataset, args.eval_split, limit=args.eval_limit or None, seed=args.seed)[0]
+                     if args.eval_every else [])
+        if len(rows) < args.batch_size:
+            raise ValueError(f"{len(rows)} questions cannot fill one batch of {args.batch_size}")
+    except (ValueError, FileNotFoundError) as e:
+        print0(f"expo_dpo.py: error: {e}")
+        cleanup_distributed()
+        sys.exit(2)
+
+    # ---- derived settings, all in one place ----
+    total_steps = args.max_steps or args.epochs * (len(rows) // args.batch_size)
+    K = args.regen_every
+    online = K > 0
+    qids = list(range(len(rows)))
+    mode = f"online, pairs rebuilt every {K} steps" if online else "offline, pairs built once"
+    print0(f"ExP-DPO | chosen: {args.chosen} | {mode}")
+    print0(f"data: {len(rows)} questions from {args.dataset} ({dict(data_stats)}) | {total_steps} steps")
+    print0(f"world size {world} | global batch {args.batch_size} questions = at most {args.batch_size} pairs "
+           f"({args.batch_size // world} per rank, micro-batches of {args.micro_batch_size}) | at most "
+           f"{2 * args.batch_size * args.max_new_tokens} response tokens per step | beta {args.beta} | lr {args.lr}")
+    print0("reference: the initial model, " + ("a frozen copy" if online else "scored by the policy before step 1"))
+    seed_everything(args.seed, rank)
+
+    tokenizer = load_tokenizer(args.model)
+    model = shard_model(load_model(args.model, device, args.gradient_checkpointing), device)
+    # offline pairs all come from the initial policy, so its own no-grad pass before training is the
+    # reference: no second copy of the model is needed
+    ref_model = shard_model(load_model(args.model, device), device, trainable=False) if online else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = cosine_schedule(optimizer, total_steps, args.warmup_ratio)
+    state = {"round": -1, "pairs_path": None, "rounds_built": 0, "nonfinite_steps": 0, "empty_steps": 0}
+    start_step, pairs = 0, None
+    if args.resume:
+        ckpt = latest_checkpoint(args.output_dir)
+        extra = load_checkpoint(ckpt, model, optimizer, scheduler)
+        start_step = extra.pop("step")
+        state.update(extra)
+        if state["pairs_path"] and (not online or start_step % K):  # mid-round: train on the same pairs
+            pairs = read_pairs(state["pairs_path"])
+        print0(f"resumed from {ckpt} at step {start_step} (round {state['round']}, "
+               f"{'same pairs from ' + state['pairs_path'] if pairs is not None else 'new round next'})")
+    logger = MetricsLogger(args.output_dir, asdict(args), args.wandb_project,
+                           resume_step=start_step if args.resume else None,
+                           # rewards_chosen < 0 while the loss falls: the chosen response got LESS likely,
+                           # the rejected one just fell faster (the "deceptively low loss", appendix C.3)
+                           show=("loss", "reward_accuracy", "margin", "rewards_chosen", "rewards_rejected",
+                                 "logps_chosen", "pairs/in_step", "perf/tokens_per_s"))
+
+    def sampler(prompts, n):
+        return sample(model, tokenizer, prompts, n=n, max_new_tokens=args.max_new_tokens,
+                      temperature=args.temperature, micro_batch_size=args.gen_batch_size, desc="pairs")["texts"]
+
+    for step in range(start_step, total_steps):
+        metrics = {}
+        # ---- pairs: built once (offline) or for the next K steps with the current policy (online) ----
+        if pairs is None or (online and step % K == 0):
+            state["round"] = step // K if online else 0
+            round_qids = qids
+            if online:  # the questions of the K steps this round serves
+                round_qids = list(dict.fromkeys(q for s in range(step, min(step + K, total_steps))
+                                                for q in global_batch(qids, s, args.batch_size, args.seed)))
+            with Timer() as t_build:
+                local_pairs, stats = build_pairs([(q, rows[q]) for q in round_qids[rank::world]], tokenizer, sampler,
+                                                 args.chosen, args.num_samples, args.num_explanations)
+                stats = all_reduce_dict(stats, "sum")
+                round_pairs = [p for part in gather_objects(local_pairs) for p in part]
+                score_reference(ref_model, tokenizer, round_pairs, rank, world, args.micro_batch_size, device)
+            pairs = {p["qid"]: p for p in round_pairs}
+            state["rounds_built"] += 1
+            state["pairs_path"] = os.path.join(args.output_dir, f"pairs-round{state['round']}.jsonl")
+            if rank == 0:
+                with open(state["pairs_path"], "w") as f:
+                    f.writelines(json.dumps(p) + "\n" for p in round_pairs)
+            logger.log_samples(step + 1, round_pairs[:4])
+            metrics.update({
+                "pairs/built": stats["built"],
+                "pairs/skipped": stats["questions"] - stats["built"],
+                "pairs/skipped_all_correct": stats["all_correct"],
+                "pairs/skipped_unverified": stats["unverified"],
+                "pairs/skipped_no_solution": stats["no_solution"],
+                "pairs/cot_accuracy": stats["cot_correct"] / max(1, stats["questions"] * args.num_samples),
+                "perf/build_seconds": t_build.seconds,
+            })
+            if stats["explained"]:
+                metrics["pairs/explanation_verified_rate"] = stats["explanations_verified"] / stats["explained"]
+            print0(f"round {state['round']}: {stats['built']:.0f} pairs from {stats['questions']:.0f} questions "
+                   f"-> {state['pairs_path']}")
+
+        # ---- one optimizer step on the pairs of this step's questions ----
+        step_pairs = [pairs[q] for q in global_batch(qids, step, args.batch_size, args.seed) if q in pairs]
+        metrics.update({"pairs/in_step": len(step_pairs), "pairs/rounds_built": state["rounds_built"]})
+        with Timer() as t_train:
+            if step_pairs:
+                sums, loss_sum, tokens = dpo_backward(model, tokenizer, step_pairs, args.beta, rank, world,
+                                                      args.micro_batch_size, device)
+                sums = all_reduce_dict({**sums, "tokens": tokens}, "sum")
+                tokens = sums.pop("tokens")
+                metrics.update({k: v / len(step_pairs) for k, v in sums.items()})
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
+                grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+                # every rank decides together, so no rank takes a step the others skip
+                bad = all_reduce_dict({"bad": float(not math.isfinite(loss_sum))}, "sum")["bad"] > 0
+                if bad or not math.isfinite(grad_norm):
+                    state["nonfinite_steps"] += 1
+                    print0(f"step {step + 1}: non-finite loss or gradient, step skipped")
+                else:
+                    optimizer.step()
+                metrics["grad_norm"] = grad_norm
+            else:
+                state["empty_steps"] += 1
+                print0(f"step {step + 1}: no pair among this step's questions, step skipped")
+            optimizer.zero_grad(set_to_none=True)
+        lr = scheduler.get_last_lr()[0]  # the rate this step used
+        scheduler.step()
+        if step_pairs:
+            metrics["perf/tokens_per_s"] = tokens / t_train.seconds
+        metrics.update({"lr": lr, "nonfinite_steps": state["nonfinite_steps"],
+                        "empty_steps": state["empty_steps"], "perf/step_seconds": t_train.seconds})
+        logger.log(step + 1, metrics)
+
+        if args.eval_every and (step + 1) % args.eval_every == 0:
+            run_eval(model, tokenizer, eval_rows, args, step + 1, logger)
+        if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == total_steps:
+            save_checkpoint(args.output_dir, step + 1, model, optimizer, scheduler, extra=dict(state),
+                            save_total_limit=args.save_total_limit)
+
+    export_hf(model, tokenizer, os.path.join(args.output_dir, "hf"))
+    print0(f"done: {total_steps} steps, model exported to {os.path.join(args.output_dir, 'hf')}")
+    cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()
