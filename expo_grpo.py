@@ -1,0 +1,594 @@
+"""ExP-GRPO: GRPO with self-explanations as positive samples (ExPO, arXiv 2507.02834).
+
+GRPO learns only from contrasts between its own samples: on a hard question where all G samples are
+wrong, every advantage is 0 and nothing is learned. ExPO gives such questions a positive sample the model
+can write itself: shown the question q *and* the gold answer a*, the model explains how to reach a*
+(a self-explanation c~ ~ pi(.|q, a*)). If c~ ends at a*, it is trained on as an answer to q alone:
+
+    J = 1/G sum_i 1/|o_i| sum_t [ min(rho_it A_i, clip(rho_it, 1-eps, 1+eps) A_i) - beta KL_it ]
+        + lambda * log pi(c~, a* | q)          (per token, averaged over the batch's explanations)
+
+Three arms from one flag: --sft_source explanation (ExP-GRPO), expert (GRPO SFT-GT-CoT: the dataset's
+solution replaces c~), none (plain GRPO).
+Watch reward, not loss: with --num_iterations 1 the ratio is 1, so the policy loss is ~0 while its
+gradient is not. Every figure of every step is in OUTPUT_DIR/metrics.jsonl, a few samples in samples.jsonl.
+
+Commands
+  4 GPUs, the paper's run (Qwen2.5-3B-Instruct, MATH level 5, appendix C.1):
+      torchrun --nproc_per_node 4 expo_grpo.py
+  the two baselines:
+      torchrun --nproc_per_node 4 expo_grpo.py --sft_source expert --output_dir runs/grpo_sft_gt_cot
+      torchrun --nproc_per_node 4 expo_grpo.py --sft_source none --output_dir runs/grpo
+  1 GPU:
+      torchrun --nproc_per_node 1 expo_grpo.py --batch_size 8 --micro_batch_size 4
+  CPU demo (random-weight tiny model, synthetic arithmetic, about a minute):
+      torchrun --nproc_per_node 2 expo_grpo.py --model tiny --dataset synthetic --levels 1-2 --batch_size 4 \
+          --num_generations 4 --max_new_tokens 32 --max_steps 4 --save_every 2 --output_dir runs/demo
+  Continue a run: the same command with --resume.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from typing import Literal, Optional
+
+import torch
+import torch.distributed as dist
+
+from common import (VERIFY_STATS, MetricsLogger, Timer, all_reduce_dict, cosine_schedule, explanation_prompt,
+                    export_hf, gather_objects, global_batch, init_distributed, latest_checkpoint, load_checkpoint,
+                    load_model, load_problems, load_tokenizer, make_batch, parse_levels, print0, question_prompt,
+                    sample, save_checkpoint, seed_everything, shard_model, token_logprobs, verify_answer)
+
+
+@dataclass
+class Args:
+    # model and data
+    model: str = field(default="Qwen/Qwen2.5-3B-Instruct", metadata={"help": "hub id, local directory, or `tiny` (random-weight CPU model)"})
+    dataset: str = field(default="DigitalLearningGmbH/MATH-lighteval", metadata={"help": "hub id (question|problem and solution|answer columns), local .jsonl/.json/.parquet, or `synthetic`"})
+    dataset_config: Optional[str] = field(default=None, metadata={"help": "hub dataset configuration name"})
+    split: str = field(default="train", metadata={"help": "training split"})
+    levels: str = field(default="5", metadata={"help": "difficulty levels trained on: '5', '3-5', '1,3' or 'all'"})
+    train_limit: int = field(default=0, metadata={"help": "train on at most this many questions (0: all)"})
+    # ExPO: the positive sample of each question
+    sft_source: Literal["explanation", "expert", "none"] = field(default="explanation", metadata={"help": "positive sample: explanation = self-explanation (ExP-GRPO), expert = dataset solution (GRPO SFT-GT-CoT), none = plain GRPO"})
+    sft_coef: float = field(default=0.15, metadata={"help": "lambda: weight of the positive sample's mean token NLL"})
+    sft_on: Literal["all", "unsolved"] = field(default="all", metadata={"help": "questions that get the SFT term: all, or only those whose G samples all failed"})
+    explanations: str = field(default="online", metadata={"help": "online (sampled each step by the current policy), offline (once by the initial policy, cached in OUTPUT_DIR/explanations.jsonl, reused on --resume), or a JSONL path of {question, explanation}"})
+    # GRPO
+    num_generations: int = field(default=8, metadata={"help": "G: completions sampled per question"})
+    temperature: float = field(default=0.9, metadata={"help": "sampling temperature of completions and explanations"})
+    max_new_tokens: int = field(default=1024, metadata={"help": "longest completion or explanation; also Dr. GRPO's constant"})
+    beta: float = field(default=0.04, metadata={"help": "weight of the k3 KL to the initial model; 0 loads no reference model"})
+    clip_eps: float = field(default=0.2, metadata={"help": "ratio clip: rho in [1 - clip_eps, 1 + clip_eps_high]"})
+    clip_eps_high: Optional[float] = field(default=None, metadata={"help": "upper clip (DAPO's clip-higher); default clip_eps"})
+    num_iterations: int = field(default=1, metadata={"help": "optimizer steps per rollout batch; with 1 the ratio is 1, clipping never acts and the loss value is ~0 (its gradient is not)"})
+    loss_agg: Literal["seq-mean", "token-mean", "dr-grpo"] = field(default="seq-mean", metadata={"help": "seq-mean (GRPO), token-mean (DAPO) or dr-grpo (divide by a constant); always over the global batch"})
+    scale_rewards: Literal["group", "none"] = field(default="group", metadata={"help": "divide advantages by the group's reward std (group) or not (none, Dr. GRPO)"})
+    mask_truncated: bool = field(default=False, metadata={"help": "leave completions cut at max_new_tokens out of the policy loss"})
+    # optimisation
+    batch_size: int = field(default=16, metadata={"help": "questions per step, all ranks together (each gets G completions)"})
+    micro_batch_size: int = field(default=8, metadata={"help": "sequences per forward/backward pass on one rank"})
+    gen_batch_size: int = field(default=64, metadata={"help": "sequences generated at once on one rank"})
+    lr: float = field(default=3e-6, metadata={"help": "peak learning rate (AdamW)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    warmup_ratio: float = field(default=0.1, metadata={"help": "fraction of optimizer steps of linear warm-up before the cosine decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
+    epochs: int = field(default=3, metadata={"help": "passes over the training questions"})
+    max_steps: int = field(default=0, metadata={"help": "stop after this many steps (0: epochs x questions / batch_size)"})
+    gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute activations in backward (less memory)"})
+    seed: int = field(default=0, metadata={"help": "seed of data order and sampling"})
+    # logging, checkpoints, evaluation
+    output_dir: str = field(default="runs/expo_grpo", metadata={"help": "metrics.jsonl, samples.jsonl, checkpoints, hf/ export"})
+    resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in output_dir"})
+    save_every: int = field(default=50, metadata={"help": "checkpoint and export to OUTPUT_DIR/hf every this many steps (and at the end)"})
+    save_total_limit: int = field(default=2, metadata={"help": "checkpoints kept"})
+    probe_every: int = field(default=1, metadata={"help": "measure NLL of explanations and expert solutions under the policy every this many steps (0: never)"})
+    probe_answer_logprob: bool = field(default=False, metadata={"help": "also measure log p(a* | q, c) after the explanation vs after the model's own CoT (Lemma 2)"})
+    log_samples: int = field(default=2, metadata={"help": "questions per step whose completion and explanation go to samples.jsonl"})
+    eval_every: int = field(default=0, metadata={"help": "evaluate every this many steps and at the end (0: never)"})
+    eval_dataset: str = field(default="", metadata={"help": "evaluation data (default: the test split of --dataset)"})
+    eval_limit: int = field(default=500, metadata={"help": "evaluate on at most this many questions (0: all)"})
+    eval_n: int = field(default=4, metadata={"help": "samples per evaluation question (pass@k for k <= n), temperature 0.7"})
+    wandb_project: Optional[str] = field(default=None, metadata={"help": "also log to this wandb project"})
+
+    def __post_init__(self):
+        if self.clip_eps_high is None:
+            self.clip_eps_high = self.clip_eps
+
+
+def validate_args(args: Args, world_size: int) -> None:
+    """Reject impossible settings before anything is loaded, with one clear line."""
+    problems = [
+        (args.num_generations < 2, "--num_generations must be >= 2: a group of one has no advantage"),
+        (args.batch_size < 1 or args.batch_size % world_size,
+         f"--batch_size {args.batch_size} must be a positive multiple of the world size {world_size}"),
+        (args.micro_batch_size < 1 or args.gen_batch_size < 1, "--micro_batch_size and --gen_batch_size must be >= 1"),
+        (args.lr < 0 or args.weight_decay < 0, "--lr and --weight_decay must be >= 0"),
+        (args.beta < 0, "--beta must be >= 0"),
+        (args.clip_eps <= 0 or args.clip_eps_high <= 0, "--clip_eps and --clip_eps_high must be > 0"),
+        (args.sft_coef < 0, "--sft_coef must be >= 0"),
+        (args.num_iterations < 1, "--num_iterations must be >= 1"),
+        (args.temperature <= 0, "--temperature must be > 0: GRPO needs different samples in a group"),
+        (args.max_new_tokens < 1, "--max_new_tokens must be >= 1"),
+        (not 0 <= args.warmup_ratio < 1, "--warmup_ratio must be in [0, 1)"),
+        (args.max_grad_norm <= 0, "--max_grad_norm must be > 0"),
+        (args.max_steps < 0 or (args.max_steps == 0 and args.epochs < 1), "give --epochs >= 1 or --max_steps > 0"),
+        (min(args.save_every, args.probe_every, args.eval_every, args.eval_limit, args.train_limit) < 0,
+         "--save_every, --probe_every, --eval_every, --eval_limit and --train_limit must be >= 0"),
+        (args.save_total_limit < 1 or args.eval_n < 1, "--save_total_limit and --eval_n must be >= 1"),
+        (args.explanations not in ("online", "offline") and not os.path.isfile(args.explanations),
+         f"--explanations must be online, offline or an existing JSONL file; {args.explanations!r} is none"),
+        (args.explanations != "online" and args.sft_source != "explanation",
+         "--explanations offline|PATH needs --sft_source explanation"),
+        (args.probe_answer_logprob and args.sft_source != "explanation",
+         "--probe_answer_logprob needs --sft_source explanation"),
+        (args.resume and latest_checkpoint(args.output_dir) is None, f"--resume: no checkpoint in {args.output_dir}"),
+    ]
+    for bad, message in problems:
+        if bad:
+            raise SystemExit(f"expo_grpo.py: error: {message}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The algorithm: advantages, the policy loss, the SFT term on positive samples
+# ----------------------------------------------------------------------------------------------------
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool = True, eps: float = 1e-4):
+    """A_i = (r_i - mean(r_group)) / (std(r_group) + eps), std with Bessel's correction; (N,) -> (N,).
+
+    Example, one group of 4: rewards [1, 0, 0, 0] -> mean 0.25, std 0.5 -> [1.4997, -0.4999, -0.4999, -0.4999].
+    A group with equal rewards gets zeros (no signal, never NaN). scale_by_std=False gives r - mean (Dr. GRPO).
+    """
+    groups = rewards.view(-1, group_size).float()  # (N/G, G)
+    centred = groups - groups.mean(dim=1, keepdim=True)
+    if scale_by_std:
+        centred = centred / (groups.std(dim=1, keepdim=True) + eps)
+    return centred.view(-1)
+
+
+def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(pi || ref) estimate k3 = exp(ref - logp) - (ref - logp) - 1.
+
+    Always >= 0 (e^x >= 1 + x), 0 where the policies agree, and unbiased for samples drawn from pi.
+    """
+    delta = ref_logps - logps
+    return torch.exp(delta) - delta - 1
+
+
+def clipped_surrogate(ratio: torch.Tensor, advantages: torch.Tensor, eps_low: float, eps_high: float):
+    """PPO's min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A), and where the clipped branch is the min.
+
+    Example with eps 0.2: A = 1, rho = 1.5 -> min(1.5, 1.2) = 1.2: constant, no gradient (moved far enough);
+    A = -1, rho = 0.5 -> min(-0.5, -0.8) = -0.8: also clipped. A = 1, rho = 0.5 -> 0.5: gradient flows.
+    """
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * advantages
+    return torch.min(unclipped, clipped), clipped < unclipped
+
+
+def grpo_loss(logps, old_logps, ref_logps, advantages, completion_mask, clip_eps, clip_eps_high, beta, loss_agg,
+              num_seqs=None, num_tokens=None, max_len=None):
+    """Minus the GRPO objective, and its metrics.
+
+    Per token:  l_it = min(rho_it A_i, clip(rho_it, 1-eps, 1+eps_high) A_i) - beta k3_it,
+                rho_it = exp(logp_it - old_logp_it)
+    Aggregated with N_seq sequences and N_tok tokens (pass those of the global batch, see train_on_rollouts):
+      seq-mean    loss = -1/N_seq    sum_i 1/|o_i| sum_t l_it    (the paper's formula)
+      token-mean  loss = -1/N_tok    sum_i sum_t l_it            (DAPO: every token weighs the same)
+      dr-grpo     loss = -1/(N_seq L) sum_i sum_t l_it           (Dr. GRPO: L = max_len, a constant)
+    Defaults: N_seq = sequences with a token in the mask, N_tok = mask.sum(), L = T.
+    logps, old_logps, ref_logps, completion_mask: (B, T); advantages: (B,); ref_logps None when beta = 0.
+    With old_logps = logps.detach() the ratio is 1: the value is ~0 but the gradient is -A grad(logp).
+    Metrics kl and clip_frac are sums divided by N_tok, so they add up over micro-batches and ranks.
+    """
+    mask = completion_mask
+    n_tok = max(float(mask.sum()) if num_tokens is None else float(num_tokens), 1.0)
+    n_seq = max(float((mask.sum(1) > 0).sum()) if num_seqs is None else float(num_seqs), 1.0)
+    ratio = torch.exp((logps - old_logps) * mask)  # (B, T); padding gets ratio 1, whatever its log-probs
+    surrogate, clipped = clipped_surrogate(ratio, advantages[:, None], clip_eps, clip_eps_high)
+    kl = k3_kl(logps, ref_logps) * mask if ref_logps is not None else torch.zeros_like(logps)  # (B, T)
+    per_token = (surrogate - beta * kl) * mask
+    if loss_agg == "seq-mean":
+        loss = -(per_token.sum(1) / mask.sum(1).clamp(min=1)).sum() / n_seq
+    elif loss_agg == "token-mean":
+        loss = -per_token.sum() / n_tok
+    elif loss_agg == "dr-grpo":
+        loss = -per_token.sum() / (n_seq * (max_len or mask.shape[1]))
+    else:
+        raise ValueError(f"unknown loss_agg {loss_agg!r}")
+    metrics = {"policy_loss": loss.item(), "kl": (kl.sum() / n_tok).item(),
+               "clip_frac": ((clipped.float() * mask).sum() / n_tok).item()}
+    return loss, metrics
+
+
+def sft_loss(logps: torch.Tensor, mask: torch.Tensor, num_tokens=None) -> torch.Tensor:
+    """The term lambda weighs: mean token NLL of the positive samples, -1/N sum_t log pi(c~_t | q, c~_<t).
+
+    N = num_tokens (the positive tokens of the global batch) or mask.sum(); logps, mask: (B, T).
+    An empty mask gives 0 with zero gradient.
+    """
+    n = max(float(mask.sum()) if num_tokens is None else float(num_tokens), 1.0)
+    return -(logps * mask).sum() / n
+
+
+def self_explanations(model, tokenizer, rows: list[dict], args: Args) -> list[dict]:
+    """c~ ~ pi(. | q, a*) for each row, and whether its own last \\boxed{} verifies against a*.
+
+    Returns [{"explanation": text, "completion_ids": ids up to EOS, "verified": 1.0 | 0.0}] in row order.
+    """
+    prompts = [explanation_prompt(tokenizer, r["question"], r["answer"]) for r in rows]
+    out = sample(model, tokenizer, prompts, n=1, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                 micro_batch_size=args.gen_batch_size, desc="explanations")
+    return [{"explanation": text, "completion_ids": ids, "verified": verify_answer(text, row["answer"])}
+            for row, text, ids in zip(rows, out["texts"], out["completion_ids"])]
+
+
+# ----------------------------------------------------------------------------------------------------
+# One optimisation step on given rollouts (global-batch normalisation, micro-batches, FSDP)
+# ----------------------------------------------------------------------------------------------------
+
+
+def make_micro_batches(rollouts: dict, micro_batch_size: int, pad_id: int, device) -> list[dict]:
+    """Tensors of each micro-batch, built once and reused by the old, reference and training passes.
+
+    Sorted by length, so a micro-batch pads to similar lengths. Each holds input_ids, attention_mask (b, T),
+    pg_mask and sft_mask (b, T-1; the tokens in the policy loss and in the SFT term), advantages (b,).
+    """
+    n = len(rollouts["completion_ids"])
+    order = sorted(range(n), key=lambda j: len(rollouts["prompt_ids"][j]) + len(rollouts["completion_ids"][j]))
+    batches = []
+    for s in range(0, n, micro_batch_size):
+        idx = order[s : s + micro_batch_size]
+        mb = make_batch([rollouts["prompt_ids"][j] for j in idx], [rollouts["completion_ids"][j] for j in idx],
+                        pad_id, device)
+        mask = mb.pop("completion_mask")  # (b, T-1)
+        in_pg = torch.tensor([float(rollouts["in_pg"][j]) for j in idx], device=device)  # (b,)
+        in_sft = torch.tensor([float(rollouts["in_sft"][j]) for j in idx], device=device)  # (b,)
+        mb["pg_mask"], mb["sft_mask"] = mask * in_pg[:, None], mask * in_sft[:, None]
+        mb["advantages"] = torch.tensor([rollouts["advantages"][j] for j in idx], dtype=torch.float32, device=device)
+        batches.append(mb)
+    return batches
+
+
+def train_on_rollouts(model, ref_model, optimizer, scheduler, rollouts: dict, args: Args, pad_id: int) -> dict:
+    """`args.num_iterations` optimizer steps of loss = grpo_loss + sft_coef * sft_loss on this rank's rollouts.
+
+    rollouts: parallel lists over this rank's sequences, all under the question prompt:
+      prompt_ids, completion_ids   token ids
+      advantages                   A_i of a sampled completion (0 for a positive sample)
+      in_pg, in_sft                the sequence's tokens count in the policy loss / in the SFT term
+    Every rank must hold the same number of sequences: each forward pass is an FSDP collective.
+    Returns metrics of the global batch (the same on every rank), averaged over iterations.
+    """
+    device = next(model.parameters()).device
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    micro_batches = make_micro_batches(rollouts, args.micro_batch_size, pad_id, device)
+    # Normalisers of the global batch (all ranks, all micro-batches), so the gradient does not depend on the split.
+    norm = all_reduce_dict({
+        "seqs": sum(float((mb["pg_mask"].sum(1) > 0).sum()) for mb in micro_batches),
+        "tokens": sum(float(mb["pg_mask"].sum()) for mb in micro_batches),
+        "sft_tokens": sum(float(mb["sft_mask"].sum()) for mb in micro_batches),
+    }, op="sum")
+    with torch.no_grad():
+        for mb in micro_batches:
+            # pi_old sampled the completions: with one iteration it is the current policy, so no pass is needed
+            mb["old_logps"] = (token_logprobs(model, mb["input_ids"], mb["attention_mask"])
+                               if args.num_iterations > 1 else None)  # (b, T-1)
+            mb["ref_logps"] = (token_logprobs(ref_model, mb["input_ids"], mb["attention_mask"])
+                               if args.beta > 0 else None)  # (b, T-1)
+    history = []
+    for _ in range(args.num_iterations):
+        sums = dict.fromkeys(["policy_loss", "sft_loss", "kl", "clip_frac", "entropy", "train_tokens"], 0.0)
+        for mb in micro_batches:
+            logps, entropy = token_logprobs(model, mb["input_ids"], mb["attention_mask"], with_entropy=True)  # (b, T-1)
+            old_logps = mb["old_logps"] if mb["old_logps"] is not None else logps.detach()
+            pg, pg_metrics = grpo_loss(logps, old_logps, mb["ref_logps"], mb["advantages"], mb["pg_mask"],
+                                       args.clip_eps, args.clip_eps_high, args.beta, args.loss_agg,
+                                       num_seqs=norm["seqs"], num_tokens=norm["tokens"], max_len=args.max_new_tokens)
+            nll = sft_loss(logps, mb["sft_mask"], num_tokens=norm["sft_tokens"])
+            loss = pg + args.sft_coef * nll
+            # FSDP averages gradients over ranks, but the loss is already divided by global counts: undo the mean
+            (loss * world_size).backward()
+            for k, v in pg_metrics.items():
+                sums[k] += v
+            sums["sft_loss"] += nll.item()
+            sums["entropy"] += float((entropy * mb["pg_mask"]).sum()) / max(norm["tokens"], 1.0)
+            sums["train_tokens"] += float(mb["attention_mask"].sum())
+        sums["nonfinite"] = float(not math.isfinite(sums["policy_loss"] + sums["sft_loss"]))
+        sums = all_reduce_dict(sums, op="sum")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # DTensor under FSDP2
+        sums["grad_norm"] = float(grad_norm)
+        # the flag and the norm are global, so every rank skips the same steps
+        sums["skipped"] = float(sums["nonfinite"] > 0 or not math.isfinite(sums["grad_norm"]))
+        if sums["skipped"]:
+            print0(f"non-finite loss or gradient (loss {sums['policy_loss']} + {sums['sft_loss']}, grad norm "
+                   f"{sums['grad_norm']}): optimizer step skipped")
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()  # the schedule follows the step count, skipped steps included
+        history.append(sums)
+    out = {k: sum(h[k] for h in history) / len(history) for k in history[0]}
+    out["skipped"] = sum(h["skipped"] for h in history)
+    out["train_tokens"] = sum(h["train_tokens"] for h in history)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# The paper's two properties of a positive sample, measured live on the current policy
+# ----------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def completion_logprob_sums(model, prompt_ids, completion_ids, pad_id: int, micro_batch_size: int):
+    """sum_t log p(completion_t | prompt, completion_<t) and the completion length, per sequence: (N,), (N,)."""
+    device = next(model.parameters()).device
+    sums, lens = torch.zeros(len(prompt_ids)), torch.zeros(len(prompt_ids))
+    for s in range(0, len(prompt_ids), micro_batch_size):
+        mb = make_batch(prompt_ids[s : s + micro_batch_size], completion_ids[s : s + micro_batch_size], pad_id, device)
+        logps = token_logprobs(model, mb["input_ids"], mb["attention_mask"])  # (b, T-1)
+        sums[s : s + micro_batch_size] = (logps * mb["completion_mask"]).sum(1).cpu()
+        lens[s : s + micro_batch_size] = mb["completion_mask"].sum(1).cpu()
+    return sums, lens
+
+
+def probe_positive_signal(model, encode, question_ids, rows, explanations, cot_texts, args: Args, eos_id: int,
+                          pad_id: int) -> dict:
+    """In-distribution (Figure 2): mean token NLL of the self-explanations and of the expert solutions, both
+    under the question prompt; lower = more likely under the policy.
+    Positive signal (Lemma 2, with --probe_answer_logprob): log p(a* | q, c) with c the explanation vs c the
+    model's own first CoT, each cut before its last \\boxed{ and followed by `\\boxed{a*}` (tokenised apart).
+    Every rank scores one sequence per question and kind (empty when missing), so forward passes line up.
+    """
+    nq = len(rows)
+    groups = {}  # kind -> (prompt ids, completion ids), nq of each
+    if explanations is not None:
+        groups["explanation"] = (question_ids, [e["completion_ids"] if e else [] for e in explanations])
+    groups["expert"] = (question_ids, [list(encode(r["solution"])) + [eos_id] if r.get("solution") else []
+                                       for r in rows])
+    if args.probe_answer_logprob:
+        def before_answer(q_ids, text):
+            cut = text.rfind("\\boxed{")
+            return q_ids + list(encode((text[:cut] if cut >= 0 else text + " ") + "\\boxed{"))
+
+        for kind, texts in (("answer_expl", [e["explanation"] if e else "" for e in explanations]),
+                            ("answer_cot", cot_texts)):
+            groups[kind] = ([before_answer(q, t) for q, t in zip(question_ids, texts)],
+                            [list(encode(r["answer"] + "}")) if t else [] for r, t in zip(rows, texts)])
+    sums, lens = completion_logprob_sums(model, [p for ps, _ in groups.values() for p in ps],
+                                         [c for _, cs in groups.values() for c in cs], pad_id, args.micro_batch_size)
+    local = {}
+    for k, kind in enumerate(groups):
+        part = slice(k * nq, (k + 1) * nq)
+        local[f"{kind}_logp"] = float(sums[part].sum())
+        local[f"{kind}_tokens"] = float(lens[part].sum())
+        local[f"{kind}_seqs"] = float((lens[part] > 0).sum())
+    tot = all_reduce_dict(local, op="sum")
+    out = {}
+    for kind in ("explanation", "expert"):
+        if kind in groups and tot[f"{kind}_tokens"] > 0:
+            out[f"nll_{kind}"] = -tot[f"{kind}_logp"] / tot[f"{kind}_tokens"]
+    for kind, name in (("answer_expl", "answer_logp_after_explanation"), ("answer_cot", "answer_logp_after_cot")):
+        if kind in groups and tot[f"{kind}_seqs"] > 0:
+            out[name] = tot[f"{kind}_logp"] / tot[f"{kind}_seqs"]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Plumbing: explanation cache, evaluation hook
+# ----------------------------------------------------------------------------------------------------
+
+
+def load_explanations(path: str, tokenizer) -> dict[str, dict]:
+    """question -> {"explanation", "completion_ids" (tokenised once, + EOS), "verified" (None: check at use)}."""
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    ids = tokenizer([r["explanation"] for r in records], add_special_tokens=False)["input_ids"] if records else []
+    return {r["question"]: {"explanation": r["explanation"], "completion_ids": i + [tokenizer.eos_token_id],
+                            "verified": r.get("verified")} for r, i in zip(records, ids)}
+
+
+def run_eval(model, tokenizer, rows: list[dict], args: Args) -> dict:
+    """eval.py's accuracy and pass@k on held-out questions, overall and per level, as eval/<key>."""
+    from eval import evaluate, scalar_metrics
+
+    summary, _ = evaluate(model, tokenizer, rows, n=args.eval_n, temperature=0.7, max_new_tokens=args.max_new_tokens,
+                          micro_batch_size=args.gen_batch_size)
+    return scalar_metrics(summary, prefix="eval/")
+
+
+if __name__ == "__main__":
+    from transformers import HfArgumentParser
+
+    args = HfArgumentParser(Args).parse_args_into_dataclasses()[0]
+    validate_args(args, int(os.environ.get("WORLD_SIZE", 1)))
+    dist_info = init_distributed()
+    rank, world_size, device = dist_info.rank, dist_info.world_size, dist_info.device
+    seed_everything(args.seed, rank)
+    rows, data_stats = load_problems(args.dataset, split=args.split, config=args.dataset_config,
+                                     levels=parse_levels(args.levels), limit=args.train_limit or None, seed=args.seed)
+    if len(rows) < args.batch_size:
+        raise SystemExit(f"expo_grpo.py: error: {len(rows)} training questions ({dict(data_stats)}) cannot fill "
+                         f"--batch_size {args.batch_size}")
+    eval_rows = []
+    if args.eval_every:
+        eval_rows, _ = load_problems(args.eval_dataset or args.dataset, split="test", limit=args.eval_limit or None,
+                                     config=None if args.eval_dataset else args.dataset_config, seed=args.seed)
+
+    # ---- derived sizes, in one place
+    G = args.num_generations
+    questions_per_rank = args.batch_size // world_size
+    steps_per_epoch = len(rows) // args.batch_size
+    total_steps = args.max_steps or args.epochs * steps_per_epoch
+    has_positive = args.sft_source != "none"
+    print0(f"ExP-GRPO, sft_source {args.sft_source} | world size {world_size} | per step: {args.batch_size} questions "
+           f"({questions_per_rank} per rank) x G {G} = {args.batch_size * G} completions"
+           f"{f' + up to {args.batch_size} positive samples' if has_positive else ''}, micro-batches of "
+           f"{args.micro_batch_size} sequences, {args.num_iterations} optimizer update(s) | {total_steps} steps "
+           f"({len(rows)} questions, {steps_per_epoch} steps per epoch) | beta {args.beta}"
+           f"{' (no reference model)' if args.beta == 0 else ''} | loss {args.loss_agg}")
+
+    # ---- models, optimizer, schedule, resume
+    tokenizer = load_tokenizer(args.model)
+    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    encode = lru_cache(maxsize=None)(lambda text: tuple(tokenizer(text, add_special_tokens=False)["input_ids"]))
+    model = shard_model(load_model(args.model, device, args.gradient_checkpointing), device)
+    ref_model = shard_model(load_model(args.model, device), device, trainable=False) if args.beta > 0 else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = cosine_schedule(optimizer, total_steps * args.num_iterations, args.warmup_ratio)
+    start_step, skipped_steps = 0, 0
+    if args.resume:
+        state = load_checkpoint(latest_checkpoint(args.output_dir), model, optimizer, scheduler)
+        start_step, skipped_steps = state["step"], state.get("skipped_steps", 0)
+        print0(f"resumed from step {start_step}")
+    logger = MetricsLogger(args.output_dir, config=asdict(args), wandb_project=args.wandb_project,
+                           resume_step=start_step - 1 if args.resume else None,
+                           show=("reward", "solved", "zero_spread", "expl_verified", "sft_used", "sft_loss", "kl",
+                                 "grad_norm", "lr", "sample_tok_s", "train_tok_s"))
+
+    # ---- offline explanations: once, by the initial policy, for the questions this run will see
+    bank = None  # question -> explanation, when not sampled online
+    if args.sft_source == "explanation" and args.explanations != "online":
+        path = args.explanations
+        if args.explanations == "offline":
+            path = os.path.join(args.output_dir, "explanations.jsonl")
+            if not (args.resume and os.path.exists(path)):
+                used = rows if total_steps >= steps_per_epoch else [
+                    r for s in range(total_steps) for r in global_batch(rows, s, args.batch_size, args.seed)]
+                mine = used[rank::world_size]
+                explained = self_explanations(model, tokenizer, mine, args)
+                records = [{"question": r["question"], "answer": r["answer"], "explanation": e["explanation"],
+                            "verified": e["verified"]} for r, e in zip(mine, explained)]
+                records = [rec for part in gather_objects(records) for rec in part]
+                if rank == 0:
+                    with open(path, "w") as f:
+                        f.writelines(json.dumps(rec) + "\n" for rec in records)
+                print0(f"{len(records)} offline explanations, "
+                       f"{sum(r['verified'] for r in records) / len(records):.1%} verified -> {path}")
+                dist.barrier()
+        bank = load_explanations(path, tokenizer)
+
+    for step in range(start_step, total_steps):
+        step_start = time.perf_counter()
+        batch = global_batch(rows, step, args.batch_size, args.seed)[rank::world_size]
+        nq = len(batch)
+
+        # ---- 1. G completions per question under the question prompt, rewarded by math-verify
+        with Timer() as t_sample:
+            out = sample(model, tokenizer, [question_prompt(tokenizer, r["question"]) for r in batch], n=G,
+                         max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                         micro_batch_size=args.gen_batch_size)
+            rewards = torch.tensor([verify_answer(text, batch[j // G]["answer"])
+                                    for j, text in enumerate(out["texts"])])  # (nq*G,)
+            advantages = group_advantages(rewards, G, scale_by_std=args.scale_rewards == "group")  # (nq*G,)
+            solved = rewards.view(nq, G).amax(dim=1) > 0  # (nq,)
+            question_ids = [out["prompt_ids"][i * G] for i in range(nq)]
+
+            # ---- 2. a self-explanation per question, c~ ~ pi(. | q, a*), kept only if it reaches a*
+            explanations = None
+            if args.sft_source == "explanation":
+                if bank is None:
+                    explanations = self_explanations(model, tokenizer, batch, args)
+                else:
+                    explanations = [bank.get(r["question"]) for r in batch]
+                    for e, row in zip(explanations, batch):
+                        if e is not None and e["verified"] is None:
+                            e["verified"] = verify_answer(e["explanation"], row["answer"])
+
+        # ---- 3. the positive sample of each question, trained as an answer to the QUESTION prompt
+        positives = []  # token ids of (c~, a*) or of the expert solution; None when the question gets no SFT term
+        for i, row in enumerate(batch):
+            ids = None
+            if args.sft_on == "all" or not solved[i]:
+                if args.sft_source == "expert" and row.get("solution"):
+                    ids = list(encode(row["solution"])) + [eos_id]
+                elif args.sft_source == "explanation" and explanations[i] and explanations[i]["verified"]:
+                    ids = explanations[i]["completion_ids"]
+            positives.append(ids)
+        rollouts = {"prompt_ids": list(out["prompt_ids"]), "completion_ids": list(out["completion_ids"]),
+                    "advantages": advantages.tolist(), "in_sft": [False] * nq * G,
+                    "in_pg": [ended or not args.mask_truncated for ended in out["eos"]]}
+        if has_positive:
+            # one slot per question, empty when unused, so every rank runs the same number of micro-batches
+            rollouts["prompt_ids"] += question_ids
+            rollouts["completion_ids"] += [ids or [] for ids in positives]
+            rollouts["advantages"] += [0.0] * nq
+            rollouts["in_pg"] += [False] * nq
+            rollouts["in_sft"] += [ids is not None for ids in positives]
+
+        # ---- 4. the paper's two properties, on the policy that sampled this batch
+        probe = {}
+        if args.probe_every and step % args.probe_every == 0:
+            probe = probe_positive_signal(model, encode, question_ids, batch, explanations,
+                                          [out["texts"][i * G] for i in range(nq)], args, eos_id, pad_id)
+
+        # ---- 5. optimise loss = grpo_loss + sft_coef * sft_loss, num_iterations updates
+        lr = scheduler.get_last_lr()[0]
+        with Timer() as t_train:
+            train = train_on_rollouts(model, ref_model, optimizer, scheduler, rollouts, args, pad_id)
+        skipped_steps += int(train["skipped"])
+
+        # ---- metrics of the global batch
+        completion_tokens = sum(len(c) for c in out["completion_ids"])
+        explanation_tokens = sum(len(e["completion_ids"]) for e in explanations if e) if explanations else 0
+        tot = all_reduce_dict({
+            "reward": float(rewards.sum()), "completions": float(nq * G), "questions": float(nq),
+            "zero_spread": float((rewards.view(nq, G).std(dim=1) == 0).sum()), "solved": float(solved.sum()),
+            "truncated": float(sum(not ended for ended in out["eos"])), "completion_tokens": float(completion_tokens),
+            "expl_sampled": float(sum(e is not None for e in explanations or [])),
+            "expl_verified": float(sum(bool(e and e["verified"]) for e in explanations or [])),
+            "explanation_tokens": float(explanation_tokens),
+            "sft_used": float(sum(ids is not None for ids in positives)),
+            "positive_tokens": float(sum(len(ids) for ids in positives if ids is not None)),
+            "gen_tokens": float(completion_tokens + (explanation_tokens if bank is None else 0)),
+            "sample_seconds": t_sample.seconds, "train_seconds": t_train.seconds,
+            "verify_timeouts": float(VERIFY_STATS["timeouts"]), "verify_errors": float(VERIFY_STATS["errors"]),
+        }, op="sum")
+        metrics = {
+            "reward": tot["reward"] / tot["completions"],
+            "zero_spread": tot["zero_spread"] / tot["questions"],  # groups with equal rewards: no GRPO signal
+            "solved": tot["solved"] / tot["questions"],  # questions with at least one correct sample
+            "sft_used": tot["sft_used"] / tot["questions"],  # questions with a positive sample in the SFT term
+            "policy_loss": train["policy_loss"], "sft_loss": train["sft_loss"], "kl": train["kl"],
+            "clip_frac": train["clip_frac"], "entropy": train["entropy"], "grad_norm": train["grad_norm"], "lr": lr,
+            "completion_len": tot["completion_tokens"] / tot["completions"],
+            "truncated": tot["truncated"] / tot["completions"],
+            "sample_tok_s": tot["gen_tokens"] / (tot["sample_seconds"] / world_size),
+            "train_tok_s": train["train_tokens"] / (tot["train_seconds"] / world_size),
+            "step_seconds": time.perf_counter() - step_start, "skipped_steps": skipped_steps,
+            "verify_timeouts": tot["verify_timeouts"], "verify_errors": tot["verify_errors"], **probe,
+        }
+        if tot["expl_sampled"]:
+            metrics["expl_verified"] = tot["expl_verified"] / tot["expl_sampled"]
+            metrics["explanation_len"] = tot["explanation_tokens"] / tot["expl_sampled"]
+        if tot["sft_used"]:
+            metrics["positive_len"] = tot["positive_tokens"] / tot["sft_used"]
+        shown = []
+        for i in range(min(args.log_samples, nq)):
+            e = explanations[i] if explanations else None
+            shown.append({"question": batch[i]["question"], "answer": batch[i]["answer"],
+                          "completion": out["texts"][i * G], "reward": float(rewards[i * G]),
+                          "explanation": e and e["explanation"], "explanation_verified": e and e["verified"]})
+        logger.log_samples(step, shown)
+
+        # ---- checkpoint, export, evaluation
+        last = step + 1 == total_steps
+        if (args.save_every and (step + 1) % args.save_every == 0) or last:
+            save_checkpoint(args.output_dir, step + 1, model, optimizer, scheduler,
+                            extra={"skipped_steps": skipped_steps}, save_total_limit=args.save_total_limit)
+            export_hf(model, tokenizer, os.path.join(args.output_dir, "hf"))
+        if args.eval_every and ((step + 1) % args.eval_every == 0 or last):
+            metrics.update(run_eval(model, tokenizer, eval_rows, args))
+        logger.log(step, metrics)
+
+    print0(f"done: {total_steps} steps, {skipped_steps} optimizer updates skipped (non-finite), "
+           f"model in {os.path.join(args.output_dir, 'hf')}")
+    dist.destroy_process_group()
