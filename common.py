@@ -150,9 +150,11 @@ CHAT_TEMPLATE = (
 
 
 def resolve_model_path(name: str) -> str:
-    """`tiny` -> the cached tiny model directory (built on first use); anything else is returned as is."""
+    """`tiny` / `toy` -> the cached tiny / toy model directory (built on first use); anything else as is."""
     if name == "tiny":
         return build_tiny_model()
+    if name == "toy":
+        return build_toy_model()
     return name
 
 
@@ -209,22 +211,34 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 def check_model_name(name: str) -> None:
     """Fail fast, before anything is loaded, on a model that can be neither built, read nor downloaded."""
-    if name == "tiny":
+    if name in ("tiny", "toy"):
         return
     if os.path.isdir(name):
         if not os.path.exists(os.path.join(name, "config.json")):
             raise ValueError(f"model directory {name!r} has no config.json (expected an exported HF directory)")
         return
     if not _HUB_ID.match(name):  # a path that does not exist, or not of the form org/name
-        raise ValueError(f"model {name!r} is neither a local directory, `tiny`, nor a hub id like Qwen/Qwen2.5-3B-Instruct")
+        raise ValueError(f"model {name!r} is neither a local directory, `tiny`, `toy`, nor a hub id like "
+                         "Qwen/Qwen2.5-3B-Instruct")
 
 
 def check_dataset_name(source: str) -> None:
-    """Same for a dataset: `synthetic`, an existing .jsonl/.json/.parquet file, or a hub id."""
-    if source == "synthetic" or os.path.isfile(source):
+    """Same for a dataset: `synthetic`, `addition`, an existing .jsonl/.json/.parquet file, or a hub id."""
+    if source in ("synthetic", "addition") or os.path.isfile(source):
         return
     if source.endswith((".jsonl", ".json", ".parquet")) or os.path.exists(source) or not _HUB_ID.match(source):
-        raise ValueError(f"dataset {source!r} is neither `synthetic`, a readable .jsonl/.json/.parquet file, nor a hub id")
+        raise ValueError(f"dataset {source!r} is neither `synthetic`, `addition`, a readable .jsonl/.json/.parquet "
+                         "file, nor a hub id")
+
+
+def check_output_dir(path: str) -> None:
+    """Fail fast on an output directory that could not be created or written to (nothing is created here)."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        why = "is not a directory" if not os.path.isdir(existing) else "is not writable"
+        raise ValueError(f"output directory {path!r} cannot be written: {existing!r} {why}")
 
 
 def load_tokenizer(name: str):
@@ -373,17 +387,21 @@ def extract_boxed(text: str | None) -> str | None:
     """
     if not text:
         return None
-    for m in reversed(list(_BOX_RE.finditer(text))):
+    boxes = list(_BOX_RE.finditer(text))
+    if not boxes:
+        return None
+    # one pass pairs every `{` with its `}`: a text of thousands of unclosed boxes stays linear, not quadratic
+    closing, open_ = {}, []
+    for b in re.finditer(r"[{}]", text):
+        if b.group() == "{":
+            open_.append(b.start())
+        elif open_:
+            closing[open_.pop()] = b.start()
+    for m in reversed(boxes):
         i = m.end()
         if i < len(text) and text[i] == "{":
-            depth = 0
-            for j in range(i, len(text)):
-                if text[j] == "{":
-                    depth += 1
-                elif text[j] == "}":
-                    depth -= 1
-                    if depth == 0:
-                        return text[i + 1 : j].strip()
+            if i in closing:
+                return text[i + 1 : closing[i]].strip()
             continue  # unbalanced: try an earlier box
         if m.group(0).startswith("\\boxed") and m.end() > m.start() + len("\\boxed"):
             tail = re.match(r"[^\s$]+", text[i:])  # `\boxed 5`: up to the next space or `$`
@@ -400,17 +418,51 @@ def gsm8k_answer(text: str | None) -> str | None:
     return ans or None
 
 
-VERIFY_STATS: Counter = Counter()  # calls, timeouts, errors, too_long: logged by the training scripts
+VERIFY_STATS: Counter = Counter()  # calls, timeouts, errors, too_long, too_complex: logged by the training scripts
 
 _MAX_ANSWER_CHARS = 512  # longer "answers" are junk; parsing them is where sympy can take minutes
+_INTEGER = re.compile(r"-?\d{1,30}")
+# sympy evaluates what it parses: 10^{10^{10}}, (10^9)! or 9^{99999999} run for minutes (or fill the
+# memory) and a batch of them would cost a full time limit each. No gold answer of MATH or GSM8K has these
+# shapes, so such an answer counts only if it equals the gold string (checked before). `x!` is a power
+# tower of a kind too: it is allowed on a literal of at most 5 digits.
+_TOO_COMPLEX = re.compile(
+    r"\^\s*\{[^{}]*\^"                        # a power in an exponent: 10^{10^{10}}, e^{e^{x}}
+    r"|\^\s*[\w.]+\s*\^"                      # 10^10^10
+    r"|\^\s*\{?\s*[-+]?\d{5,}"                # an exponent of 5+ digits: 2^{99999999}
+    r"|(?:[)}!]|\d{6,})\s*!"                  # a factorial of an expression, of a factorial, of 6+ digits
+    r"|\\(?:binom|sum|prod|int|lim)\b.*(?:\^|\d{4})"  # big operators with large bounds
+)
+_MAX_NESTING = 12  # braces or parentheses deeper than this: generated junk (MATH answers stay below 5)
+
+
+def too_complex(answer: str) -> bool:
+    """True for an answer whose verification could outlast any time limit (see _TOO_COMPLEX).
+
+    >>> too_complex("10^{10^{10^{10}}}"), too_complex("(10^{10})!"), too_complex("2^{2007}"), too_complex("5!")
+    (True, True, False, False)
+    """
+    if _TOO_COMPLEX.search(answer):
+        return True
+    depth = deepest = 0
+    for ch in re.findall(r"[{}()\[\]]", answer):
+        depth = depth + 1 if ch in "{([" else max(0, depth - 1)
+        deepest = max(deepest, depth)
+    return deepest > _MAX_NESTING
+
+
 _WORKER_SRC = r"""
-import json, sys
+import json, sys, time
 from math_verify import parse, verify
+sys.stdout.write("ready\n"); sys.stdout.flush()
 for line in sys.stdin:
     gold, pred, t = json.loads(line)
+    start = time.monotonic()
     try:
-        ok = verify(parse(gold, parsing_timeout=t), parse(pred, parsing_timeout=t), timeout_seconds=t)
-        out = [1.0 if ok else 0.0, None]
+        ok = verify(parse(gold, parsing_timeout=t, raise_on_error=True),
+                    parse(pred, parsing_timeout=t, raise_on_error=True), timeout_seconds=t)
+        # verify answers False when its own time limit stopped it: the clock tells that apart
+        out = [1.0 if ok else 0.0, "TimeoutException" if not ok and time.monotonic() - start >= t else None]
     except BaseException as e:
         out = [0.0, type(e).__name__]
     sys.stdout.write(json.dumps(out) + "\n"); sys.stdout.flush()
@@ -421,38 +473,46 @@ class _Verifier:
     """math-verify in a child process, so a hard time limit holds whatever thread calls it.
 
     math-verify's own timeout uses signal.alarm, which only works in a main thread; here it runs in the
-    child's main thread (a soft limit), and the parent kills the child if even that does not answer
-    (a hard limit). A killed child is restarted on the next call.
+    child's main thread (a soft limit of a third of the time for each of its three parts: parsing the
+    gold, the answer, comparing), and the parent kills the child if it has not answered when the time is
+    up (the hard limit). A replacement child is started at once, so it imports sympy while the caller
+    goes on; only its start-up (about a second, not counted in the limit) is waited for on the next call.
     """
 
-    def __init__(self):
-        self.proc = None
+    def __init__(self, source: str = _WORKER_SRC):
+        self.source, self.proc = source, None
         self.lock = threading.Lock()
 
     def _start(self):
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", _WORKER_SRC], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            [sys.executable, "-c", self.source], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL, text=True, bufsize=1,
         )
+        self.ready = False
+
+    def _read(self, seconds: float) -> str | None:
+        ready, _, _ = select.select([self.proc.stdout], [], [], seconds)
+        return self.proc.stdout.readline() if ready else None
 
     def __call__(self, gold: str, pred: str, timeout: float) -> tuple[float, str | None]:
         with self.lock:
-            if self.proc is None or self.proc.poll() is not None:
-                self._start()
             try:
-                self.proc.stdin.write(json.dumps([gold, pred, max(1, int(timeout))]) + "\n")
+                if self.proc is None or self.proc.poll() is not None:
+                    self._start()
+                if not self.ready:
+                    self.ready = self._read(120) == "ready\n"
+                    if not self.ready:
+                        raise OSError("the verifier process did not start")
+                self.proc.stdin.write(json.dumps([gold, pred, max(1, int(timeout / 3))]) + "\n")
                 self.proc.stdin.flush()
-                # the first call waits for the child to import sympy as well
-                ready, _, _ = select.select([self.proc.stdout], [], [], timeout * 2 + 30)
-                if ready:
-                    line = self.proc.stdout.readline()
-                    if line:
-                        return tuple(json.loads(line))
+                line = self._read(timeout)
+                if line:
+                    return tuple(json.loads(line))
             except (OSError, ValueError):
                 pass
             self.proc.kill()
             self.proc.wait()
-            self.proc = None
+            self._start()
             return 0.0, "timeout"
 
 
@@ -462,7 +522,8 @@ _VERIFIER = _Verifier()
 def verify_answer(completion: str, gold: str, timeout: float = 5.0, exact_shortcut: bool = True) -> float:
     """1.0 if the last `\\boxed{}` of `completion` equals `gold` by math-verify, else 0.0. Never raises.
 
-    Identical strings (spaces aside) are accepted without calling math-verify (`exact_shortcut`).
+    Identical strings (spaces aside) are accepted without calling math-verify (`exact_shortcut`). Returns
+    within `timeout` seconds (plus the start of a verifier process after one was killed), in any thread.
 
     >>> verify_answer(r"... so the answer is \\boxed{\\dfrac{1}{2}}", "0.5")
     1.0
@@ -472,11 +533,18 @@ def verify_answer(completion: str, gold: str, timeout: float = 5.0, exact_shortc
         pred = extract_boxed(completion)
         if pred is None or not gold:
             return 0.0
+        if exact_shortcut:
+            p, g = pred.replace(" ", ""), str(gold).replace(" ", "")
+            if p == g:
+                return 1.0
+            if _INTEGER.fullmatch(p) and _INTEGER.fullmatch(g):  # most wrong answers: no subprocess round trip
+                return float(int(p) == int(g))
         if len(pred) > _MAX_ANSWER_CHARS:
             VERIFY_STATS["too_long"] += 1
             return 0.0
-        if exact_shortcut and pred.replace(" ", "") == str(gold).replace(" ", ""):
-            return 1.0
+        if too_complex(pred):
+            VERIFY_STATS["too_complex"] += 1
+            return 0.0
         score, err = _VERIFIER("\\boxed{" + str(gold) + "}", "\\boxed{" + pred + "}", timeout)
         if err == "timeout" or err == "TimeoutException":
             VERIFY_STATS["timeouts"] += 1
@@ -552,7 +620,9 @@ def _read_local(path: str, stats: Counter) -> list[dict]:
     if path.endswith(".json"):
         with open(path) as f:
             data = json.load(f)
-        return data if isinstance(data, list) else data.get("data", data.get("rows", []))
+        data = data if isinstance(data, list) else data.get("data", data.get("rows", []))
+        stats["malformed_lines"] += sum(not isinstance(r, dict) for r in data)
+        return [r for r in data if isinstance(r, dict)]
     if path.endswith(".parquet"):
         import pandas as pd
 
@@ -570,7 +640,8 @@ def _parse_level(v) -> int | None:
 def normalize_row(row: dict) -> dict | None:
     """Map a MATH / MATH500 / GSM8K style row to {question, answer, solution, level, subject}.
 
-    Returns None when the row has no usable answer (the caller counts it).
+    Returns None when the row has no question or no usable answer (empty, or unbalanced braces; the caller
+    counts it).
     """
     question = row.get("problem", row.get("question"))
     solution = row.get("solution")
@@ -581,6 +652,8 @@ def normalize_row(row: dict) -> dict | None:
     if answer is None or str(answer).strip() == "":
         answer = extract_boxed(solution)
     if not isinstance(question, str) or not question.strip() or answer is None or not str(answer).strip():
+        return None
+    if str(answer).count("{") != str(answer).count("}"):  # cut or garbled: no completion could match it
         return None
     return {
         "question": question.strip(),
@@ -605,13 +678,16 @@ def load_problems(source: str, split: str = "train", config: str | None = None, 
                   limit: int | None = None, seed: int = 0, synthetic_size: int = 2000) -> tuple[list[dict], Counter]:
     """Rows {question, answer, solution, level, subject} and a Counter of what was skipped and why.
 
-    `source`: `synthetic`, a local .jsonl/.json/.parquet file, or a hub dataset id (with `split`,
-    `config`). Rows are shuffled deterministically by `seed`, then filtered by `levels`, then cut to `limit`.
+    `source`: `synthetic`, `addition` (the toy task, see "Toy world"), a local .jsonl/.json/.parquet file,
+    or a hub dataset id (with `split`, `config`). Rows are shuffled deterministically by `seed`, then filtered
+    by `levels`, then cut to `limit`.
     """
     stats: Counter = Counter()
     if source == "synthetic":
         # the train and test splits are different draws, so evaluation is held out
         raw = synthetic_problems(synthetic_size, seed=1 if split == "train" else 2)
+    elif source == "addition":  # the toy task: `synthetic_size` rows at the requested levels (digit counts)
+        raw = addition_problems(synthetic_size, split, levels)
     elif os.path.isfile(source):
         raw = _read_local(source, stats)
     elif os.path.exists(source) or source.endswith((".jsonl", ".json", ".parquet")):
@@ -626,7 +702,8 @@ def load_problems(source: str, split: str = "train", config: str | None = None, 
     for r in raw:
         row = normalize_row(r)
         if row is None:
-            stats["no_answer"] += 1
+            question = r.get("problem", r.get("question"))
+            stats["no_question" if not isinstance(question, str) or not question.strip() else "no_answer"] += 1
         elif levels and row["level"] not in levels:
             stats["other_level"] += 1
         else:
@@ -667,6 +744,239 @@ def global_batch(rows: list, step: int, batch_size: int, seed: int) -> list:
     epoch, i = divmod(step, per_epoch)
     order = epoch_order(len(rows), seed, epoch)
     return [rows[j] for j in order[i * batch_size : (i + 1) * batch_size]]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Toy world: n-digit addition and a small character-level model that learns it on a CPU in minutes
+# ----------------------------------------------------------------------------------------------------
+# `--dataset addition --model toy` reproduces ExPO's effect without a GPU (../shared/TOYLAB.md): the toy
+# base model solves 1-3 digit sums, solves no 5-6 digit ones, but explains those when given the answer.
+# Everything here goes through the same prompts, sampler and reward (`verify_answer`) as MATH does.
+
+TOY_ANSWER_WIDTH = 7  # a 6-digit sum has at most 7 digits
+TOY_EASY_LEVELS, TOY_HARD_LEVELS = (1, 2, 3), (5, 6)
+_TOY_CHARS = "0123456789+Q|?> \\boxed{}"
+_TOY_SPECIALS = ["<pad>", "<eos>", "<unk>"]
+_EXPLAIN_MARK = "\n\n" + EXPLAIN_SENTENCE.split("{answer}")[0]  # "\n\nThe correct final answer is "
+
+# The toy tokenizer's chat template: it drops the system message and renders the user message compactly,
+# `Q12345+67890|???????>` (question prompt) or `Q12345+67890|0080235>` (explanation prompt, the answer read
+# back out of EXPLAIN_SENTENCE). Both share one fixed-width answer slot, so the chain of thought sits at the
+# same positions under both prompts: in TOYLAB's prototype, without it even SFT on the true chain of
+# thought never solved a hard problem.
+TOY_CHAT_TEMPLATE = (
+    "{%- for m in messages if m['role'] == 'user' -%}"
+    "{%- set parts = m['content'].split(" + json.dumps(_EXPLAIN_MARK) + ") -%}"
+    "Q{{ parts[0] }}|"
+    "{%- if parts | length > 1 -%}{{ '%0" + str(TOY_ANSWER_WIDTH) + "d' | format(parts[1].split('.')[0] | int) }}"
+    "{%- else -%}" + "?" * TOY_ANSWER_WIDTH + "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}>{%- endif -%}"
+)
+
+
+def addition_solution(a: int, b: int) -> str:
+    """The chain of thought: one 4-character step per digit, right to left (digit of a, digit of b, carry
+    in, sum digit), then the answer boxed.
+
+    >>> addition_solution(12345, 67890)
+    '5005 4903 3812 2710 1618 \\\\boxed{80235}'
+    """
+    n = max(len(str(a)), len(str(b)))
+    da, db = str(a).zfill(n), str(b).zfill(n)
+    steps, carry = [], 0
+    for i in range(n - 1, -1, -1):
+        s = int(da[i]) + int(db[i]) + carry
+        steps.append(f"{da[i]}{db[i]}{carry}{s % 10}")
+        carry = s // 10
+    return " ".join(steps) + f" \\boxed{{{a + b}}}"
+
+
+def addition_problem(rng: random.Random, digits: int) -> dict:
+    """One row of the `addition` dataset: two `digits`-digit numbers (no leading zero; 0-9 for one digit)."""
+    lo = 10 ** (digits - 1) if digits > 1 else 0
+    a, b = rng.randint(lo, 10**digits - 1), rng.randint(lo, 10**digits - 1)
+    return {"question": f"{a}+{b}", "answer": str(a + b), "solution": addition_solution(a, b),
+            "level": digits, "subject": "Addition"}
+
+
+def addition_problems(n: int, split: str = "train", levels=None) -> list[dict]:
+    """n rows cycling over `levels` (default 1-6 digits). Each (split, level) is its own random stream,
+    so train and test are different draws and the level-5 rows of a smaller set are a prefix of a larger
+    one's. (Only 100 one-digit problems exist, so easy train and test rows overlap; hard ones practically
+    never do.)"""
+    levels = list(levels or range(1, 7))
+    if not all(1 <= lv <= 6 for lv in levels):
+        raise ValueError(f"addition levels are digit counts 1-6, got {levels}")
+    streams = {lv: random.Random(f"addition/{split}/{lv}") for lv in levels}
+    return [addition_problem(streams[levels[i % len(levels)]], levels[i % len(levels)]) for i in range(n)]
+
+
+def step_check(question: str, completion: str) -> bool:
+    """True iff every step of an addition chain of thought is right, and the boxed answer is what the steps
+    give. Answer-free: it reads the question only, never the gold answer, so an explanation that copies the
+    given answer after wrong steps fails. Malformed text fails.
+
+    >>> step_check("47+38", r"7805 4318 \\boxed{85}")
+    True
+    >>> step_check("47+38", r"7805 4307 \\boxed{85}")   # the second step drops the carry
+    False
+    """
+    m = re.fullmatch(r"(\d+)\+(\d+)", question.strip())
+    if not m:
+        return False
+    n = max(len(m.group(1)), len(m.group(2)))
+    da, db = m.group(1).zfill(n), m.group(2).zfill(n)
+    *steps, boxed = completion.strip().split(" ")
+    if len(steps) != n:
+        return False
+    carry, digits = 0, ""
+    for k, step in enumerate(steps):
+        i = n - 1 - k  # digits are read right to left
+        if not re.fullmatch(r"\d{4}", step) or step[:3] != f"{da[i]}{db[i]}{carry}":
+            return False
+        s = int(da[i]) + int(db[i]) + carry
+        if int(step[3]) != s % 10:
+            return False
+        digits, carry = step[3] + digits, s // 10
+    return boxed == f"\\boxed{{{int(str(carry) + digits)}}}"
+
+
+# datasets with an answer-free checker of a chain of thought (`--explanation_check steps`)
+STEP_CHECKERS = {"addition": step_check}
+
+
+def toy_tokenizer():
+    """Character-level tokenizer: one token per character of `_TOY_CHARS`, plus pad, eos and unk."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(_TOY_SPECIALS + list(_TOY_CHARS))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every character
+    tok.decoder = decoders.Fuse()  # join characters back without spaces
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>",
+                                        bos_token=None, clean_up_tokenization_spaces=False, model_max_length=96)
+    tokenizer.chat_template = TOY_CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_toy_model(path: str | None = None, seed: int = 0, steps: int = 1000, batch_size: int = 128,
+                    lr: float = 2e-3, eval_size: int = 200, threads: int = 1, verbose: bool = True) -> str:
+    """Build (once) and cache the toy base model: a 3-layer Qwen2 over characters, trained on addition.
+
+    Stage 1 of TOYLAB: each batch is 80% easy problems (1-3 digits), half under the question prompt and half
+    under the explanation prompt, and 20% hard ones (5-6 digits) under the explanation prompt only; the
+    loss is on the completion (true chain of thought + answer + EOS) only. So the model learns the
+    procedure on easy problems and learns to explain hard ones given the answer, but never to solve them.
+    It then prints its three rates on held-out test problems (see `toy_rates`).
+
+    Deterministic: the same seed (and `threads`) gives identical weights; training always runs on CPU, on one
+    thread by default: on a busy 2-core machine two threads were 5-10x slower than one.
+    Ranks that call this together wait on a file lock while one builds; the directory appears by an
+    atomic rename, so no one ever reads half a model.
+    """
+    import fcntl
+
+    path = path or os.path.join(CACHE_DIR, f"toy-v1-seed{seed}-steps{steps}")
+    if os.path.exists(os.path.join(path, "config.json")):
+        return path
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path.rstrip("/") + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        if os.path.exists(os.path.join(path, "config.json")):  # another process built it meanwhile
+            return path
+        prev_threads = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            with torch.random.fork_rng(devices=[]):  # leave the caller's random state alone
+                model, tokenizer, seconds = _train_toy_model(seed, steps, batch_size, lr, verbose)
+                rates = toy_rates(model, tokenizer, eval_size) if eval_size else {}
+        finally:
+            torch.set_num_threads(prev_threads)
+        if verbose:
+            print(f"toy model: {steps} steps in {seconds:.0f}s; " + ", ".join(f"{k} {v:.3f}" for k, v in rates.items()))
+        tmp = f"{path.rstrip('/')}.tmp{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        with open(os.path.join(tmp, "toy_build.json"), "w") as f:
+            json.dump({"seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr, "threads": threads,
+                       "train_seconds": round(seconds, 1), **rates}, f, indent=1)
+        os.replace(tmp, path)
+    return path
+
+
+def _train_toy_model(seed: int, steps: int, batch_size: int, lr: float, verbose: bool):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = toy_tokenizer()
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=96, tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+    )
+    model = Qwen2ForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    scheduler = cosine_schedule(optimizer, steps, warmup_ratio=1 / 15)  # TOYLAB: 100 of 1500 steps
+    vocab = tokenizer.get_vocab()
+    encode = lambda text: [vocab[c] for c in text]  # noqa: E731 (character-level: no tokenizer call per row)
+    rng = random.Random(f"toy-model/{seed}")
+    start = time.perf_counter()
+    model.train()
+    for step in range(steps):
+        # hard rows first (explanation prompt only), then easy rows alternating the two prompts
+        rows = [(addition_problem(rng, rng.choice(TOY_HARD_LEVELS if j < batch_size // 5 else TOY_EASY_LEVELS)),
+                 j < batch_size // 5 or j % 2 == 0) for j in range(batch_size)]
+        # two micro-batches, hard and easy, so the short easy sequences are not padded to the hard length
+        chunks = [rows[: batch_size // 5], rows[batch_size // 5 :]]
+        n_tokens = sum(len(r["solution"]) + 1 for r, _ in rows)
+        optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for chunk in chunks:
+            prompt_ids = [encode(explanation_prompt(tokenizer, r["question"], r["answer"]) if explain
+                                 else question_prompt(tokenizer, r["question"])) for r, explain in chunk]
+            completion_ids = [encode(r["solution"]) + [tokenizer.eos_token_id] for r, _ in chunk]
+            batch = make_batch(prompt_ids, completion_ids, tokenizer.pad_token_id)
+            # right padding: causal attention never looks at the pads, so no attention mask is needed
+            logits = model(input_ids=batch["input_ids"], use_cache=False).logits[:, :-1]  # (B, T-1, V)
+            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["input_ids"][:, 1:].reshape(-1),
+                                  reduction="none").view_as(batch["completion_mask"])
+            loss = (nll * batch["completion_mask"]).sum() / n_tokens  # mean over the whole batch's tokens
+            loss.backward()
+            total += loss.item()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        if verbose and (step % 100 == 0 or step == steps - 1):
+            print(f"toy model step {step:>5} | loss {total:.4f} | {time.perf_counter() - start:.0f}s")
+    return model.eval(), tokenizer, time.perf_counter() - start
+
+
+def toy_rates(model, tokenizer, n: int = 200, micro_batch_size: int = 256) -> dict:
+    """The three rates that make a good toy base model, on held-out test problems:
+      easy_solve     greedy, question prompt, 1-3 digits: should be ~1
+      hard_solve     greedy, question prompt, 5-6 digits: should be ~0 (GRPO then sees only zero rewards)
+      hard_explain   T=1, explanation prompt, 5-6 digits: steps pass `step_check` and reach the answer (~1)
+    """
+    easy = addition_problems(n, "test", TOY_EASY_LEVELS)
+    hard = addition_problems(n, "test", TOY_HARD_LEVELS)
+    kw = dict(max_new_tokens=48, micro_batch_size=micro_batch_size)
+    solve_easy = sample(model, tokenizer, [question_prompt(tokenizer, r["question"]) for r in easy], temperature=0, **kw)
+    solve_hard = sample(model, tokenizer, [question_prompt(tokenizer, r["question"]) for r in hard], temperature=0, **kw)
+    explain = sample(model, tokenizer, [explanation_prompt(tokenizer, r["question"], r["answer"]) for r in hard],
+                     temperature=1.0, **kw)
+    right = lambda rows, texts: [extract_boxed(t) == r["answer"] for r, t in zip(rows, texts)]  # noqa: E731
+    return {
+        "easy_solve": float(np.mean(right(easy, solve_easy["texts"]))),
+        "hard_solve": float(np.mean(right(hard, solve_hard["texts"]))),
+        "hard_explain": float(np.mean([ok and step_check(r["question"], t)
+                                       for r, t, ok in zip(hard, explain["texts"], right(hard, explain["texts"]))])),
+    }
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -765,23 +1075,57 @@ def make_batch(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad
     return {k: v.to(device) for k, v in out.items()} if device is not None else out
 
 
-def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):
-    logits = (hidden @ weight.t()).float()  # (chunk, V): the only vocab-sized tensor alive at a time
-    logz = torch.logsumexp(logits, dim=-1)
-    logp = logits.gather(-1, targets[:, None]).squeeze(-1) - logz
-    with torch.no_grad():
-        entropy = logz - (torch.softmax(logits, dim=-1) * logits).sum(-1)
-    return logp, entropy
+class _ChunkedLogprobs(torch.autograd.Function):
+    """log p(target) = logits[target] - logsumexp(logits), logits = hidden @ weight.T, chunk by chunk.
+
+    Only the (N,) log-normalisers logz are saved. Backward recomputes each chunk's logits and uses
+    d logp / d logits = onehot(target) - softmax(logits), built in place in that one block, so forward and
+    backward each hold a single (chunk, V) fp32 block, and nothing but the matmuls is computed twice.
+    hidden (N, H), weight (V, H), targets (N,) -> logp (N,), entropy (N,; empty unless asked, no gradient).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk: int, with_entropy: bool):
+        logps, logzs, ents = [], [], []
+        for s in range(0, hidden.shape[0], chunk):
+            logits = (hidden[s : s + chunk] @ weight.t()).float()  # (chunk, V)
+            logz = torch.logsumexp(logits, dim=-1)
+            logps.append(logits.gather(-1, targets[s : s + chunk, None]).squeeze(-1) - logz)
+            logzs.append(logz)
+            if with_entropy:
+                ents.append(logz - (torch.softmax(logits, dim=-1) * logits).sum(-1))
+        ctx.save_for_backward(hidden, weight, targets, torch.cat(logzs))
+        ctx.chunk = chunk
+        entropy = torch.cat(ents) if with_entropy else hidden.new_empty(0, dtype=torch.float32)
+        ctx.mark_non_differentiable(entropy)
+        return torch.cat(logps), entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, _grad_entropy):
+        hidden, weight, targets, logz = ctx.saved_tensors
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        for s in range(0, hidden.shape[0], ctx.chunk):
+            h, g = hidden[s : s + ctx.chunk], grad_logp[s : s + ctx.chunk, None]  # (chunk, H), (chunk, 1)
+            grad_logits = (h @ weight.t()).float().sub_(logz[s : s + ctx.chunk, None]).exp_().mul_(-g)  # -g softmax
+            grad_logits.scatter_add_(1, targets[s : s + ctx.chunk, None], g)  # + g at the target
+            grad_logits = grad_logits.to(h.dtype)
+            grad_hidden[s : s + ctx.chunk] = grad_logits @ weight
+            grad_weight.addmm_(grad_logits.t().float(), h.float())
+        return grad_hidden, grad_weight.to(weight.dtype), None, None, None
 
 
-def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, chunk_tokens: int = 1024,
-                   with_entropy: bool = False):
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, chunk_tokens: int | None = None,
+                   with_entropy: bool = False, positions: torch.Tensor | None = None):
     """log p(input_ids[:, t+1] | input_ids[:, :t+1]) for every t: shape (B, T-1), fp32.
 
-    The lm_head projection and log-softmax run over chunks of `chunk_tokens` positions, each chunk
-    recomputed in backward (activation checkpointing), so at most one (chunk, vocab) fp32 block is alive
-    instead of (B, T, V): 1.2 GB instead of ~40 GB for 8 x 4096 tokens and Qwen's 152k vocabulary.
+    The lm_head projection and log-softmax run over chunks of `chunk_tokens` positions, each chunk's logits
+    recomputed in backward (`_ChunkedLogprobs`), so at most one (chunk, vocab) fp32 block is alive
+    instead of (B, T, V). The default chunk makes that block 256 MiB whatever the vocabulary (441 positions
+    of Qwen's 152k: 256 MiB instead of ~20 GB for 8 x 4096 tokens; a small vocabulary gets one chunk).
     Padding positions get a value but must be masked by the caller (see `make_batch`).
+    `positions` (B, T-1), e.g. the completion mask: only where it is nonzero do the lm_head and log-softmax
+    run (the prompt is often half the sequence); elsewhere the result is 0.
     With `with_entropy`, also returns the per-position entropy (no gradient), for logging.
     """
     out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
@@ -790,23 +1134,27 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     B, T1, H = hidden.shape
     hidden = hidden.reshape(-1, H)
     targets = input_ids[:, 1:].reshape(-1)
+    if positions is not None:
+        keep = positions.reshape(-1).nonzero().squeeze(-1)  # (N,)
+        # with none asked for, one position is computed and zeroed: backward must still run through the
+        # model, since under FSDP it is a collective that every rank joins
+        empty = keep.numel() == 0
+        keep = keep.new_zeros(1) if empty else keep
+        hidden, targets = hidden[keep], targets[keep]
     weight = model.get_output_embeddings().weight
-    logps, ents = [], []
-    for s in range(0, hidden.shape[0], chunk_tokens):
-        args = (hidden[s : s + chunk_tokens], weight, targets[s : s + chunk_tokens])
-        if torch.is_grad_enabled():
-            lp, ent = torch.utils.checkpoint.checkpoint(_chunk_logprobs, *args, use_reentrant=False)
-        else:
-            lp, ent = _chunk_logprobs(*args)
-        logps.append(lp)
-        ents.append(ent)
-    logp = torch.cat(logps).view(B, T1)
+    chunk_tokens = chunk_tokens or max(1, 2**26 // weight.shape[0])
+    logp, entropy = _ChunkedLogprobs.apply(hidden, weight, targets, chunk_tokens, with_entropy)  # (N,), (N,)
+    if positions is not None:
+        logp = logp.new_zeros(B * T1).index_copy(0, keep, logp * (0.0 if empty else 1.0))
+    logp = logp.view(B, T1)
     if not torch.is_grad_enabled() and fsdp_modules(model):
         # FSDP keeps the root's parameters gathered after forward for the backward; with no backward
         # coming they would stay gathered (and an optimizer or checkpoint would see the wrong tensors)
         model.reshard()
     if with_entropy:
-        return logp, torch.cat(ents).view(B, T1)
+        if positions is not None:
+            entropy = entropy.new_zeros(B * T1).index_copy(0, keep, entropy * (0.0 if empty else 1.0))
+        return logp, entropy.view(B, T1)
     return logp
 
 

@@ -177,6 +177,30 @@ def test_token_logprobs_gradient_matches_naive(tiny):
     model.zero_grad()
 
 
+def test_token_logprobs_positions_computes_only_those(tiny):
+    """`positions` (the completion mask) gives the same values and gradients there, 0 elsewhere."""
+    model, tok = tiny
+    b = common.make_batch([[3, 4, 5, 6], [7, 8]], [[9, 10, 11], [12]], tok.pad_token_id)
+    mask = b["completion_mask"]
+    grads = []
+    for positions in (None, mask, torch.zeros_like(mask)):
+        model.zero_grad()
+        logp, ent = common.token_logprobs(model, b["input_ids"], b["attention_mask"], chunk_tokens=2,
+                                          with_entropy=True, positions=positions)
+        (logp * mask).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+        if positions is None:
+            full, full_ent = logp.detach(), ent
+        elif positions is mask:
+            torch.testing.assert_close(logp.detach(), full * mask)
+            torch.testing.assert_close(ent, full_ent * mask)
+        else:  # nothing asked for: all zeros, and backward still runs (FSDP needs it on every rank)
+            assert not logp.detach().any()
+    for a, c in zip(grads[0], grads[1]):
+        torch.testing.assert_close(a, c, atol=1e-6, rtol=1e-5)
+    model.zero_grad()
+
+
 def test_masked_mean():
     x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
     m = torch.tensor([[1, 1, 0], [0, 0, 1]])

@@ -1,0 +1,183 @@
+"""The toy world (common.py, "Toy world"): addition data, the step checker, the compact prompts, the toy model.
+
+Expected values are written by hand or computed here by a separate implementation, never read back from
+the code under test.
+"""
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import common
+from conftest import ROOT
+
+
+def true_chain(a: int, b: int) -> str:
+    """The chain of thought computed independently: digits by integer division, right to left."""
+    n = max(len(str(a)), len(str(b)))
+    steps, carry = [], 0
+    for i in range(n):
+        x, y = a // 10**i % 10, b // 10**i % 10
+        steps.append(f"{x}{y}{carry}{(x + y + carry) % 10}")
+        carry = (x + y + carry) // 10
+    return " ".join(steps) + " \\boxed{" + str(a + b) + "}"
+
+
+def random_pairs(count: int = 300, seed: int = 0):
+    rng = random.Random(seed)
+    for k in range(count):
+        digits = 1 + k % 6
+        lo = 10 ** (digits - 1) if digits > 1 else 0
+        yield rng.randint(lo, 10**digits - 1), rng.randint(lo, 10**digits - 1)
+
+
+# ---------------------------------------------------------------- data and the step checker
+
+
+@pytest.mark.parametrize("a, b, chain", [
+    (12345, 67890, r"5005 4903 3812 2710 1618 \boxed{80235}"),
+    (5, 7, r"5702 \boxed{12}"),
+    (0, 0, r"0000 \boxed{0}"),
+    (47, 38, r"7805 4318 \boxed{85}"),
+    (999999, 999999, r"9908 9919 9919 9919 9919 9919 \boxed{1999998}"),
+])
+def test_solution_hand_written(a, b, chain):
+    assert common.addition_solution(a, b) == chain
+    assert common.step_check(f"{a}+{b}", chain)
+    assert true_chain(a, b) == chain
+
+
+def test_step_checker_accepts_every_true_chain():
+    for a, b in random_pairs():
+        chain = true_chain(a, b)
+        assert common.step_check(f"{a}+{b}", chain), (a, b, chain)
+        assert common.step_check(f"{a}+{b}", chain + "\n")  # trailing whitespace is not a step
+    assert common.step_check("999+1", r"9100 9010 9010 \boxed{1000}")  # unequal lengths too
+
+
+def test_step_checker_rejects_any_altered_step():
+    for a, b in random_pairs(60, seed=1):
+        question, steps = f"{a}+{b}", true_chain(a, b).split(" ")
+        for k in range(len(steps) - 1):  # every step ...
+            for pos in range(4):  # ... every character of it ...
+                for d in "0123456789":  # ... every other digit
+                    if d == steps[k][pos]:
+                        continue
+                    altered = steps[:k] + [steps[k][:pos] + d + steps[k][pos + 1 :]] + steps[k + 1 :]
+                    assert not common.step_check(question, " ".join(altered)), (question, altered)
+
+
+@pytest.mark.parametrize("completion", [
+    r"5005 4903 3812 2710 1618 \boxed{80234}",  # right steps, answer not what they give
+    r"5005 4903 3812 2710 1618 \boxed{080235}",
+    r"5005 4903 3812 2710 \boxed{80235}",  # a step missing
+    r"5005 4903 3812 2710 1618 0000 \boxed{80235}",  # a step too many
+    r"4903 5005 3812 2710 1618 \boxed{80235}",  # steps out of order
+    r"50054903381227101618\boxed{80235}",
+    r"5005 4903 3812 2710 1618 80235",
+    r"5005 4903 3812 2710 1618 \boxed{80235",
+    r"5005  4903 3812 2710 1618 \boxed{80235}",
+    r"5005 49o3 3812 2710 1618 \boxed{80235}",
+    r"\boxed{80235}",
+    "",
+])
+def test_step_checker_rejects_malformed(completion):
+    assert not common.step_check("12345+67890", completion)
+
+
+def test_step_checker_rejects_bad_question():
+    assert not common.step_check("what is 2+2?", r"2204 \boxed{4}")
+    assert common.STEP_CHECKERS["addition"] is common.step_check
+
+
+def test_load_problems_addition():
+    rows, stats = common.load_problems("addition", split="train", levels=[5, 6], synthetic_size=100)
+    assert stats["kept"] == 100 and {r["level"] for r in rows} == {5, 6}
+    for r in rows:
+        a, b = map(int, r["question"].split("+"))
+        assert len(str(a)) == len(str(b)) == r["level"]
+        assert r["answer"] == str(a + b) and r["subject"] == "Addition"
+        assert r["solution"] == true_chain(a, b)
+        assert common.verify_answer(r["solution"], r["answer"]) == 1.0  # exact-string path, no math-verify
+    again, _ = common.load_problems("addition", split="train", levels=[5, 6], synthetic_size=100)
+    test, _ = common.load_problems("addition", split="test", levels=[5, 6], synthetic_size=100)
+    assert again == rows
+    assert not {r["question"] for r in rows} & {r["question"] for r in test}  # held out
+    everything, _ = common.load_problems("addition", synthetic_size=600)
+    assert sorted({r["level"] for r in everything}) == [1, 2, 3, 4, 5, 6]
+    common.check_dataset_name("addition")
+    common.check_model_name("toy")
+
+
+# ---------------------------------------------------------------- prompts
+
+
+@pytest.mark.parametrize("question, answer, solve, explain", [
+    ("12345+67890", "80235", "Q12345+67890|???????>", "Q12345+67890|0080235>"),
+    ("5+7", "12", "Q5+7|???????>", "Q5+7|0000012>"),
+    ("999999+999999", "1999998", "Q999999+999999|???????>", "Q999999+999999|1999998>"),
+])
+def test_toy_prompts_layout(question, answer, solve, explain):
+    tok = common.toy_tokenizer()
+    assert common.question_prompt(tok, question) == solve
+    assert common.explanation_prompt(tok, question, answer) == explain
+    assert len(solve) == len(explain)  # the shared answer slot
+    assert answer not in common.question_prompt(tok, question).split("|")[1]
+
+
+def test_toy_tokenizer_is_character_level(tmp_path):
+    tok = common.toy_tokenizer()
+    text = r"Q47+38|0000085>7805 4318 \boxed{85}"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(text) and tok.unk_token_id not in ids
+    tok.save_pretrained(tmp_path)
+    again = common.load_tokenizer(str(tmp_path))  # as the training scripts load it
+    assert again(text, add_special_tokens=False)["input_ids"] == ids
+    assert again.decode(ids + [again.eos_token_id], skip_special_tokens=True) == text
+    assert common.explanation_prompt(again, "47+38", "85") == "Q47+38|0000085>"
+
+
+# ---------------------------------------------------------------- the toy model
+
+
+def _weights(path):
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+def test_toy_model_build_is_deterministic_and_loads(tmp_path):
+    kw = dict(steps=20, batch_size=32, verbose=False)
+    a = common.build_toy_model(str(tmp_path / "a"), seed=0, eval_size=8, **kw)
+    b = common.build_toy_model(str(tmp_path / "b"), seed=0, eval_size=0, **kw)
+    c = common.build_toy_model(str(tmp_path / "c"), seed=1, eval_size=0, **kw)
+    wa, wb, wc = _weights(a), _weights(b), _weights(c)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert any(not torch.equal(wa[k], wc[k]) for k in wa)
+    with open(os.path.join(a, "toy_build.json")) as f:
+        info = json.load(f)
+    assert info["steps"] == 20 and all(0.0 <= info[k] <= 1.0 for k in ("easy_solve", "hard_solve", "hard_explain"))
+    assert common.build_toy_model(a, seed=0, **kw) == a  # cached: returns at once
+
+    model = common.load_model(a, torch.device("cpu"))
+    tok = common.load_tokenizer(a)
+    out = common.sample(model, tok, [common.question_prompt(tok, "12+34")], max_new_tokens=8, temperature=1.0)
+    assert len(out["completion_ids"][0]) <= 8
+
+
+def test_concurrent_builders_share_one_model(tmp_path):
+    """Two processes asking for the same directory: one builds under the lock, the other waits and reuses."""
+    path = str(tmp_path / "toy")
+    code = ("import common, sys; p = common.build_toy_model(sys.argv[1], steps=3, batch_size=8, eval_size=0, "
+            "verbose=False); print(p)")
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", code, path], env=env, stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=120)[0].strip() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0] and outs == [path, path]
+    assert os.path.exists(os.path.join(path, "model.safetensors"))
+    assert not [n for n in os.listdir(tmp_path) if ".tmp" in n]
