@@ -257,6 +257,7 @@ def main() -> None:
             raise ValueError(f"need 1 <= k <= n for every k: --ks {ks} with --num_samples {args.num_samples}")
         common.check_model_name(args.model)
         common.check_dataset_name(args.dataset)
+        common.check_output_dir(args.output)
         rows, data_stats = common.load_problems(args.dataset, split=args.split, config=args.config, levels=levels,
                                                 limit=args.limit, seed=args.seed)
         if not rows:

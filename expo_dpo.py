@@ -38,10 +38,10 @@ import torch
 import torch.nn.functional as F
 
 from common import (
-    MetricsLogger, Timer, all_reduce_dict, check_dataset_name, check_model_name, cleanup_distributed, cosine_schedule,
-    explanation_prompt, export_hf, gather_objects, global_batch, init_distributed, latest_checkpoint, load_checkpoint,
-    load_model, load_problems, load_tokenizer, make_batch, parse_levels, print0, question_prompt, sample,
-    save_checkpoint, seed_everything, shard_model, token_logprobs, verify_answer,
+    MetricsLogger, Timer, all_reduce_dict, check_dataset_name, check_model_name, check_output_dir, cleanup_distributed,
+    cosine_schedule, device_mesh, explanation_prompt, export_hf, gather_objects, global_batch, init_distributed,
+    latest_checkpoint, load_checkpoint, load_model, load_problems, load_tokenizer, make_batch, parse_levels, print0,
+    question_prompt, sample, save_checkpoint, seed_everything, shard_model, token_logprobs, verify_answer,
 )
 
 
@@ -73,6 +73,8 @@ class Args:
     epochs: int = field(default=1, metadata={"help": "passes over the questions"})
     max_steps: int = field(default=0, metadata={"help": "stop after this many optimizer steps (0: from epochs)"})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute activations in backward to save memory"})
+    max_bad_steps: int = field(default=10, metadata={"help": "stop (with a checkpoint of the last good state) after this many steps in a row with a non-finite loss or gradient"})
+    hybrid_shard: bool = field(default=False, metadata={"help": "multi-node: shard within each node, replicate across nodes (HSDP); default: shard across all ranks"})
     seed: int = field(default=42, metadata={"help": "seed of sampling and data order"})
     # evaluation, checkpoints, logging
     eval_every: int = field(default=0, metadata={"help": "evaluate with eval.py every this many steps (0: never)"})
@@ -96,7 +98,7 @@ def validate_args(args: Args, world_size: int) -> None:
     if args.lr < 0:
         raise ValueError(f"--lr must be >= 0, got {args.lr}")
     for name in ("num_samples", "num_explanations", "max_new_tokens", "gen_batch_size", "batch_size",
-                 "micro_batch_size", "eval_n"):
+                 "micro_batch_size", "eval_n", "max_bad_steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
     for name in ("regen_every", "max_steps", "save_every", "eval_every", "limit", "eval_limit", "max_grad_norm",
@@ -120,6 +122,7 @@ def validate_args(args: Args, world_size: int) -> None:
     check_dataset_name(args.dataset)
     if args.eval_every:
         check_dataset_name(args.eval_dataset)
+    check_output_dir(args.output_dir)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -280,14 +283,14 @@ def read_pairs(path: str) -> dict[int, dict]:
         return {p["qid"]: p for p in map(json.loads, f)}
 
 
-def run_eval(model, tokenizer, eval_rows, args: Args, step: int, logger: MetricsLogger) -> None:
+def run_eval(model, tokenizer, eval_rows, args: Args, step: int) -> dict:
     from eval import evaluate, scalar_metrics  # imported here: training needs eval.py only with --eval_every
 
     summary, _ = evaluate(model, tokenizer, eval_rows, n=args.eval_n, temperature=0.7,
                           max_new_tokens=args.max_new_tokens, micro_batch_size=args.gen_batch_size)
     scalars = scalar_metrics(summary)  # eval/accuracy, eval/pass@k, eval/level5/pass@k, ...
     print0(f"eval at step {step}: " + " | ".join(f"{k} {v:.4g}" for k, v in scalars.items()))
-    logger.log(step, scalars)
+    return scalars
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -310,7 +313,7 @@ def main():
         if len(rows) < args.batch_size:
             raise ValueError(f"{len(rows)} questions cannot fill one batch of {args.batch_size}")
     except (ValueError, FileNotFoundError) as e:
-        print0(f"expo_dpo.py: error: {e}")
+        print0(f"expo_dpo.py: error: {e}", file=sys.stderr)
         cleanup_distributed()
         sys.exit(2)
 
@@ -329,13 +332,15 @@ def main():
     seed_everything(args.seed, rank)
 
     tokenizer = load_tokenizer(args.model)
-    model = shard_model(load_model(args.model, device, args.gradient_checkpointing), device)
+    mesh = device_mesh(device, hybrid=args.hybrid_shard)
+    model = shard_model(load_model(args.model, device, args.gradient_checkpointing), device, mesh)
     # offline pairs all come from the initial policy, so its own no-grad pass before training is the
     # reference: no second copy of the model is needed
-    ref_model = shard_model(load_model(args.model, device), device, trainable=False) if online else model
+    ref_model = shard_model(load_model(args.model, device), device, mesh, trainable=False) if online else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = cosine_schedule(optimizer, total_steps, args.warmup_ratio)
-    state = {"round": -1, "pairs_path": None, "rounds_built": 0, "nonfinite_steps": 0, "empty_steps": 0}
+    state = {"round": -1, "pairs_path": None, "rounds_built": 0, "nonfinite_steps": 0, "empty_steps": 0,
+             "bad_in_a_row": 0}
     start_step, pairs = 0, None
     if args.resume:
         ckpt = latest_checkpoint(args.output_dir)
@@ -409,9 +414,11 @@ def main():
                 bad = all_reduce_dict({"bad": float(not math.isfinite(loss_sum))}, "sum")["bad"] > 0
                 if bad or not math.isfinite(grad_norm):
                     state["nonfinite_steps"] += 1
+                    state["bad_in_a_row"] += 1
                     print0(f"step {step + 1}: non-finite loss or gradient, step skipped")
                 else:
                     optimizer.step()
+                    state["bad_in_a_row"] = 0
                 metrics["grad_norm"] = grad_norm
             else:
                 state["empty_steps"] += 1
@@ -423,13 +430,21 @@ def main():
             metrics["perf/tokens_per_s"] = tokens / t_train.seconds
         metrics.update({"lr": lr, "nonfinite_steps": state["nonfinite_steps"],
                         "empty_steps": state["empty_steps"], "perf/step_seconds": t_train.seconds})
-        logger.log(step + 1, metrics)
-
+        # evaluation, then the step's row, then the checkpoint: a run killed in between redoes the step from
+        # the previous checkpoint (no missing or duplicated row), with the random state saved after evaluation
         if args.eval_every and (step + 1) % args.eval_every == 0:
-            run_eval(model, tokenizer, eval_rows, args, step + 1, logger)
-        if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == total_steps:
+            metrics.update(run_eval(model, tokenizer, eval_rows, args, step + 1))
+        logger.log(step + 1, metrics)
+        stop = state["bad_in_a_row"] >= args.max_bad_steps
+        if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == total_steps or stop:
             save_checkpoint(args.output_dir, step + 1, model, optimizer, scheduler, extra=dict(state),
                             save_total_limit=args.save_total_limit)
+        if stop:  # the skipped steps left the parameters alone: the checkpoint holds the last good state
+            export_hf(model, tokenizer, os.path.join(args.output_dir, "hf"))
+            print0(f"stopping: {state['bad_in_a_row']} steps in a row with a non-finite loss or gradient "
+                   f"(--max_bad_steps {args.max_bad_steps}); the last good parameters are in checkpoint-{step + 1} and hf/")
+            cleanup_distributed()
+            sys.exit(1)
 
     export_hf(model, tokenizer, os.path.join(args.output_dir, "hf"))
     print0(f"done: {total_steps} steps, model exported to {os.path.join(args.output_dir, 'hf')}")

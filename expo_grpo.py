@@ -21,6 +21,7 @@ Commands
       torchrun --nproc_per_node 4 expo_grpo.py --sft_source none --output_dir runs/grpo
   1 GPU:
       torchrun --nproc_per_node 1 expo_grpo.py --batch_size 8 --micro_batch_size 4
+  CPU toy lab, GRPO vs ExP-GRPO on n-digit addition (README "Toy lab"): bash examples/toy_lab.sh
   CPU demo (random-weight tiny model, synthetic arithmetic, about a minute):
       torchrun --nproc_per_node 2 expo_grpo.py --model tiny --dataset synthetic --levels 1-2 --batch_size 4 \
           --num_generations 4 --max_new_tokens 32 --max_steps 4 --save_every 2 --output_dir runs/demo
@@ -32,6 +33,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -40,10 +42,11 @@ from typing import Literal, Optional
 import torch
 import torch.distributed as dist
 
-from common import (VERIFY_STATS, MetricsLogger, Timer, all_reduce_dict, cosine_schedule, explanation_prompt,
-                    export_hf, gather_objects, global_batch, init_distributed, latest_checkpoint, load_checkpoint,
-                    load_model, load_problems, load_tokenizer, make_batch, parse_levels, print0, question_prompt,
-                    sample, save_checkpoint, seed_everything, shard_model, token_logprobs, verify_answer)
+from common import (STEP_CHECKERS, VERIFY_STATS, MetricsLogger, Timer, all_reduce_dict, check_dataset_name,
+                    check_model_name, check_output_dir, cosine_schedule, device_mesh, explanation_prompt, export_hf,
+                    gather_objects, global_batch, init_distributed, latest_checkpoint, load_checkpoint, load_model,
+                    load_problems, load_tokenizer, make_batch, parse_levels, print0, question_prompt, sample,
+                    save_checkpoint, seed_everything, shard_model, token_logprobs, verify_answer)
 
 
 @dataclass
@@ -60,10 +63,13 @@ class Args:
     sft_coef: float = field(default=0.15, metadata={"help": "lambda: weight of the positive sample's mean token NLL"})
     sft_on: Literal["all", "unsolved"] = field(default="all", metadata={"help": "questions that get the SFT term: all, or only those whose G samples all failed"})
     explanations: str = field(default="online", metadata={"help": "online (sampled each step by the current policy), offline (once by the initial policy, cached in OUTPUT_DIR/explanations.jsonl, reused on --resume), or a JSONL path of {question, explanation}"})
+    explanation_check: Literal["answer", "steps"] = field(default="answer", metadata={"help": "keep an explanation if its answer verifies (answer), or only if every step also passes the dataset's step checker (steps; `addition` has one): on-policy explanations learn to copy the given answer after wrong steps, and training on such unfaithful ones damages the model (../shared/TOYLAB.md)"})
+    sft_anchor: bool = field(default=False, metadata={"help": "also train each kept explanation under the explanation prompt (an extra SFT sequence): training the question prompt alone erodes the model's ability to explain, which is where the positive samples come from (TOYLAB)"})
     # GRPO
     num_generations: int = field(default=8, metadata={"help": "G: completions sampled per question"})
     temperature: float = field(default=0.9, metadata={"help": "sampling temperature of completions and explanations"})
     max_new_tokens: int = field(default=1024, metadata={"help": "longest completion or explanation; also Dr. GRPO's constant"})
+    min_new_tokens: int = field(default=0, metadata={"help": "force completion length (benchmarks): no EOS before this many tokens"})
     beta: float = field(default=0.04, metadata={"help": "weight of the k3 KL to the initial model; 0 loads no reference model"})
     clip_eps: float = field(default=0.2, metadata={"help": "ratio clip: rho in [1 - clip_eps, 1 + clip_eps_high]"})
     clip_eps_high: Optional[float] = field(default=None, metadata={"help": "upper clip (DAPO's clip-higher); default clip_eps"})
@@ -82,6 +88,8 @@ class Args:
     epochs: int = field(default=3, metadata={"help": "passes over the training questions"})
     max_steps: int = field(default=0, metadata={"help": "stop after this many steps (0: epochs x questions / batch_size)"})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute activations in backward (less memory)"})
+    max_bad_steps: int = field(default=10, metadata={"help": "stop (with a checkpoint of the last good state) after this many steps in a row with a non-finite loss or gradient"})
+    hybrid_shard: bool = field(default=False, metadata={"help": "multi-node: shard within each node, replicate across nodes (HSDP); default: shard across all ranks"})
     seed: int = field(default=0, metadata={"help": "seed of data order and sampling"})
     # logging, checkpoints, evaluation
     output_dir: str = field(default="runs/expo_grpo", metadata={"help": "metrics.jsonl, samples.jsonl, checkpoints, hf/ export"})
@@ -94,7 +102,9 @@ class Args:
     eval_every: int = field(default=0, metadata={"help": "evaluate every this many steps and at the end (0: never)"})
     eval_dataset: str = field(default="", metadata={"help": "evaluation data (default: the test split of --dataset)"})
     eval_limit: int = field(default=500, metadata={"help": "evaluate on at most this many questions (0: all)"})
-    eval_n: int = field(default=4, metadata={"help": "samples per evaluation question (pass@k for k <= n), temperature 0.7"})
+    eval_levels: str = field(default="all", metadata={"help": "difficulty levels evaluated, as --levels"})
+    eval_n: int = field(default=4, metadata={"help": "samples per evaluation question (pass@k for k <= n)"})
+    eval_temperature: float = field(default=0.7, metadata={"help": "evaluation sampling temperature (the paper: 0.7; 0: greedy, with --eval_n 1)"})
     wandb_project: Optional[str] = field(default=None, metadata={"help": "also log to this wandb project"})
 
     def __post_init__(self):
@@ -116,23 +126,39 @@ def validate_args(args: Args, world_size: int) -> None:
         (args.num_iterations < 1, "--num_iterations must be >= 1"),
         (args.temperature <= 0, "--temperature must be > 0: GRPO needs different samples in a group"),
         (args.max_new_tokens < 1, "--max_new_tokens must be >= 1"),
+        (not 0 <= args.min_new_tokens <= args.max_new_tokens, "--min_new_tokens must be in [0, max_new_tokens]"),
         (not 0 <= args.warmup_ratio < 1, "--warmup_ratio must be in [0, 1)"),
         (args.max_grad_norm <= 0, "--max_grad_norm must be > 0"),
         (args.max_steps < 0 or (args.max_steps == 0 and args.epochs < 1), "give --epochs >= 1 or --max_steps > 0"),
         (min(args.save_every, args.probe_every, args.eval_every, args.eval_limit, args.train_limit) < 0,
          "--save_every, --probe_every, --eval_every, --eval_limit and --train_limit must be >= 0"),
-        (args.save_total_limit < 1 or args.eval_n < 1, "--save_total_limit and --eval_n must be >= 1"),
+        (min(args.save_total_limit, args.eval_n, args.max_bad_steps) < 1,
+         "--save_total_limit, --eval_n and --max_bad_steps must be >= 1"),
         (args.explanations not in ("online", "offline") and not os.path.isfile(args.explanations),
          f"--explanations must be online, offline or an existing JSONL file; {args.explanations!r} is none"),
         (args.explanations != "online" and args.sft_source != "explanation",
          "--explanations offline|PATH needs --sft_source explanation"),
         (args.probe_answer_logprob and args.sft_source != "explanation",
          "--probe_answer_logprob needs --sft_source explanation"),
+        ((args.explanation_check != "answer" or args.sft_anchor) and args.sft_source != "explanation",
+         "--explanation_check steps and --sft_anchor need --sft_source explanation"),
+        (args.explanation_check == "steps" and args.dataset not in STEP_CHECKERS,
+         f"--explanation_check steps: dataset {args.dataset!r} has no step checker (these have: "
+         f"{', '.join(STEP_CHECKERS)})"),
+        (args.eval_temperature < 0, "--eval_temperature must be >= 0"),
         (args.resume and latest_checkpoint(args.output_dir) is None, f"--resume: no checkpoint in {args.output_dir}"),
     ]
     for bad, message in problems:
         if bad:
             raise SystemExit(f"expo_grpo.py: error: {message}")
+    try:
+        check_model_name(args.model)
+        check_dataset_name(args.dataset)
+        if args.eval_every and args.eval_dataset:
+            check_dataset_name(args.eval_dataset)
+        check_output_dir(args.output_dir)
+    except ValueError as e:
+        raise SystemExit(f"expo_grpo.py: error: {e}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -219,15 +245,25 @@ def sft_loss(logps: torch.Tensor, mask: torch.Tensor, num_tokens=None) -> torch.
 
 
 def self_explanations(model, tokenizer, rows: list[dict], args: Args) -> list[dict]:
-    """c~ ~ pi(. | q, a*) for each row, and whether its own last \\boxed{} verifies against a*.
+    """c~ ~ pi(. | q, a*) for each row, and whether it may be trained on (`check_explanation`).
 
     Returns [{"explanation": text, "completion_ids": ids up to EOS, "verified": 1.0 | 0.0}] in row order.
     """
     prompts = [explanation_prompt(tokenizer, r["question"], r["answer"]) for r in rows]
     out = sample(model, tokenizer, prompts, n=1, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                 micro_batch_size=args.gen_batch_size, desc="explanations")
-    return [{"explanation": text, "completion_ids": ids, "verified": verify_answer(text, row["answer"])}
+                 micro_batch_size=args.gen_batch_size, min_new_tokens=args.min_new_tokens, desc="explanations")
+    return [{"explanation": text, "completion_ids": ids, "verified": check_explanation(text, row, args)}
             for row, text, ids in zip(rows, out["texts"], out["completion_ids"])]
+
+
+def check_explanation(text: str, row: dict, args: Args) -> float:
+    """1.0 if an explanation may be trained on: its last \\boxed{} verifies against a*, and with
+    --explanation_check steps every step passes the dataset's answer-free step checker too (so an
+    explanation that copies a* after wrong steps is dropped)."""
+    ok = verify_answer(text, row["answer"])
+    if ok and args.explanation_check == "steps":
+        ok = float(STEP_CHECKERS[args.dataset](row["question"], text))
+    return ok
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -239,7 +275,8 @@ def make_micro_batches(rollouts: dict, micro_batch_size: int, pad_id: int, devic
     """Tensors of each micro-batch, built once and reused by the old, reference and training passes.
 
     Sorted by length, so a micro-batch pads to similar lengths. Each holds input_ids, attention_mask (b, T),
-    pg_mask and sft_mask (b, T-1; the tokens in the policy loss and in the SFT term), advantages (b,).
+    completion_mask (b, T-1; the only positions whose log-probs are computed), pg_mask and sft_mask (b, T-1;
+    the tokens in the policy loss and in the SFT term), advantages (b,).
     """
     n = len(rollouts["completion_ids"])
     order = sorted(range(n), key=lambda j: len(rollouts["prompt_ids"][j]) + len(rollouts["completion_ids"][j]))
@@ -248,7 +285,7 @@ def make_micro_batches(rollouts: dict, micro_batch_size: int, pad_id: int, devic
         idx = order[s : s + micro_batch_size]
         mb = make_batch([rollouts["prompt_ids"][j] for j in idx], [rollouts["completion_ids"][j] for j in idx],
                         pad_id, device)
-        mask = mb.pop("completion_mask")  # (b, T-1)
+        mask = mb["completion_mask"]  # (b, T-1)
         in_pg = torch.tensor([float(rollouts["in_pg"][j]) for j in idx], device=device)  # (b,)
         in_sft = torch.tensor([float(rollouts["in_sft"][j]) for j in idx], device=device)  # (b,)
         mb["pg_mask"], mb["sft_mask"] = mask * in_pg[:, None], mask * in_sft[:, None]
@@ -269,25 +306,34 @@ def train_on_rollouts(model, ref_model, optimizer, scheduler, rollouts: dict, ar
     """
     device = next(model.parameters()).device
     world_size = dist.get_world_size() if dist.is_initialized() else 1
-    micro_batches = make_micro_batches(rollouts, args.micro_batch_size, pad_id, device)
-    # Normalisers of the global batch (all ranks, all micro-batches), so the gradient does not depend on the split.
-    norm = all_reduce_dict({
-        "seqs": sum(float((mb["pg_mask"].sum(1) > 0).sum()) for mb in micro_batches),
-        "tokens": sum(float(mb["pg_mask"].sum()) for mb in micro_batches),
-        "sft_tokens": sum(float(mb["sft_mask"].sum()) for mb in micro_batches),
-    }, op="sum")
+    # Normalisers of the global batch (all ranks, all sequences), so the gradient does not depend on the split.
+    lens, in_pg, in_sft = [len(c) for c in rollouts["completion_ids"]], rollouts["in_pg"], rollouts["in_sft"]
+    norm = all_reduce_dict({"seqs": sum(float(pg and n > 0) for n, pg in zip(lens, in_pg)),
+                            "tokens": sum(float(n * pg) for n, pg in zip(lens, in_pg)),
+                            "sft_tokens": sum(float(n * sft) for n, sft in zip(lens, in_sft))}, op="sum")
+    # With beta = 0 a sequence with advantage 0 outside the SFT term adds exactly 0 to the loss and its gradient
+    # (rho * 0): skip its passes, as most of them on hard questions. Every rank keeps as many sequences as the rank
+    # with the most useful ones (the rest padded with skippable ones), so all run the same FSDP collectives.
+    useful = [bool(in_sft[j] or rollouts["advantages"][j] != 0 or args.beta > 0) for j in range(len(lens))]
+    kept = sorted(range(len(lens)), key=lambda j: not useful[j])[: max(max(gather_objects(sum(useful))), 1)]
+    micro_batches = make_micro_batches({k: [v[j] for j in kept] for k, v in rollouts.items()}, args.micro_batch_size,
+                                       pad_id, device)
     with torch.no_grad():
         for mb in micro_batches:
             # pi_old sampled the completions: with one iteration it is the current policy, so no pass is needed
-            mb["old_logps"] = (token_logprobs(model, mb["input_ids"], mb["attention_mask"])
+            mb["old_logps"] = (token_logprobs(model, mb["input_ids"], mb["attention_mask"],
+                                              positions=mb["completion_mask"])
                                if args.num_iterations > 1 else None)  # (b, T-1)
-            mb["ref_logps"] = (token_logprobs(ref_model, mb["input_ids"], mb["attention_mask"])
+            mb["ref_logps"] = (token_logprobs(ref_model, mb["input_ids"], mb["attention_mask"],
+                                              positions=mb["completion_mask"])
                                if args.beta > 0 else None)  # (b, T-1)
     history = []
     for _ in range(args.num_iterations):
-        sums = dict.fromkeys(["policy_loss", "sft_loss", "kl", "clip_frac", "entropy", "train_tokens"], 0.0)
+        sums = dict.fromkeys(["policy_loss", "sft_loss", "kl", "clip_frac", "entropy", "entropy_tokens",
+                              "train_tokens"], 0.0)
         for mb in micro_batches:
-            logps, entropy = token_logprobs(model, mb["input_ids"], mb["attention_mask"], with_entropy=True)  # (b, T-1)
+            logps, entropy = token_logprobs(model, mb["input_ids"], mb["attention_mask"], with_entropy=True,
+                                            positions=mb["completion_mask"])  # (b, T-1)
             old_logps = mb["old_logps"] if mb["old_logps"] is not None else logps.detach()
             pg, pg_metrics = grpo_loss(logps, old_logps, mb["ref_logps"], mb["advantages"], mb["pg_mask"],
                                        args.clip_eps, args.clip_eps_high, args.beta, args.loss_agg,
@@ -299,10 +345,12 @@ def train_on_rollouts(model, ref_model, optimizer, scheduler, rollouts: dict, ar
             for k, v in pg_metrics.items():
                 sums[k] += v
             sums["sft_loss"] += nll.item()
-            sums["entropy"] += float((entropy * mb["pg_mask"]).sum()) / max(norm["tokens"], 1.0)
+            sums["entropy"] += float((entropy * mb["pg_mask"]).sum())
+            sums["entropy_tokens"] += float(mb["pg_mask"].sum())
             sums["train_tokens"] += float(mb["attention_mask"].sum())
         sums["nonfinite"] = float(not math.isfinite(sums["policy_loss"] + sums["sft_loss"]))
         sums = all_reduce_dict(sums, op="sum")
+        sums["entropy"] /= max(sums.pop("entropy_tokens"), 1.0)  # over the completion tokens passed through
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # DTensor under FSDP2
         sums["grad_norm"] = float(grad_norm)
@@ -400,8 +448,8 @@ def run_eval(model, tokenizer, rows: list[dict], args: Args) -> dict:
     """eval.py's accuracy and pass@k on held-out questions, overall and per level, as eval/<key>."""
     from eval import evaluate, scalar_metrics
 
-    summary, _ = evaluate(model, tokenizer, rows, n=args.eval_n, temperature=0.7, max_new_tokens=args.max_new_tokens,
-                          micro_batch_size=args.gen_batch_size)
+    summary, _ = evaluate(model, tokenizer, rows, n=args.eval_n, temperature=args.eval_temperature,
+                          max_new_tokens=args.max_new_tokens, micro_batch_size=args.gen_batch_size)
     return scalar_metrics(summary, prefix="eval/")
 
 
@@ -413,15 +461,18 @@ if __name__ == "__main__":
     dist_info = init_distributed()
     rank, world_size, device = dist_info.rank, dist_info.world_size, dist_info.device
     seed_everything(args.seed, rank)
-    rows, data_stats = load_problems(args.dataset, split=args.split, config=args.dataset_config,
-                                     levels=parse_levels(args.levels), limit=args.train_limit or None, seed=args.seed)
-    if len(rows) < args.batch_size:
-        raise SystemExit(f"expo_grpo.py: error: {len(rows)} training questions ({dict(data_stats)}) cannot fill "
-                         f"--batch_size {args.batch_size}")
-    eval_rows = []
-    if args.eval_every:
-        eval_rows, _ = load_problems(args.eval_dataset or args.dataset, split="test", limit=args.eval_limit or None,
-                                     config=None if args.eval_dataset else args.dataset_config, seed=args.seed)
+    try:  # the data before any model: a bad file fails in seconds, with one line
+        rows, data_stats = load_problems(args.dataset, split=args.split, config=args.dataset_config,
+                                         levels=parse_levels(args.levels), limit=args.train_limit or None, seed=args.seed)
+        if len(rows) < args.batch_size:
+            raise ValueError(f"{len(rows)} training questions ({dict(data_stats)}) cannot fill --batch_size {args.batch_size}")
+        eval_rows = []
+        if args.eval_every:
+            eval_rows, _ = load_problems(args.eval_dataset or args.dataset, split="test", limit=args.eval_limit or None,
+                                         config=None if args.eval_dataset else args.dataset_config, seed=args.seed,
+                                         levels=parse_levels(args.eval_levels))
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"expo_grpo.py: error: {e}")
 
     # ---- derived sizes, in one place
     G = args.num_generations
@@ -435,19 +486,21 @@ if __name__ == "__main__":
            f"{args.micro_batch_size} sequences, {args.num_iterations} optimizer update(s) | {total_steps} steps "
            f"({len(rows)} questions, {steps_per_epoch} steps per epoch) | beta {args.beta}"
            f"{' (no reference model)' if args.beta == 0 else ''} | loss {args.loss_agg}")
+    print0(f"data: {len(rows)} questions from {args.dataset} ({dict(data_stats)})")  # rows skipped, and why
 
     # ---- models, optimizer, schedule, resume
     tokenizer = load_tokenizer(args.model)
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     encode = lru_cache(maxsize=None)(lambda text: tuple(tokenizer(text, add_special_tokens=False)["input_ids"]))
-    model = shard_model(load_model(args.model, device, args.gradient_checkpointing), device)
-    ref_model = shard_model(load_model(args.model, device), device, trainable=False) if args.beta > 0 else None
+    mesh = device_mesh(device, hybrid=args.hybrid_shard)
+    model = shard_model(load_model(args.model, device, args.gradient_checkpointing), device, mesh)
+    ref_model = shard_model(load_model(args.model, device), device, mesh, trainable=False) if args.beta > 0 else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = cosine_schedule(optimizer, total_steps * args.num_iterations, args.warmup_ratio)
-    start_step, skipped_steps = 0, 0
+    start_step, skipped_steps, bad_in_a_row = 0, 0, 0
     if args.resume:
         state = load_checkpoint(latest_checkpoint(args.output_dir), model, optimizer, scheduler)
-        start_step, skipped_steps = state["step"], state.get("skipped_steps", 0)
+        start_step, skipped_steps, bad_in_a_row = state["step"], state.get("skipped_steps", 0), state.get("bad_in_a_row", 0)
         print0(f"resumed from step {start_step}")
     logger = MetricsLogger(args.output_dir, config=asdict(args), wandb_project=args.wandb_project,
                            resume_step=start_step - 1 if args.resume else None,
@@ -485,7 +538,7 @@ if __name__ == "__main__":
         with Timer() as t_sample:
             out = sample(model, tokenizer, [question_prompt(tokenizer, r["question"]) for r in batch], n=G,
                          max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                         micro_batch_size=args.gen_batch_size)
+                         micro_batch_size=args.gen_batch_size, min_new_tokens=args.min_new_tokens)
             rewards = torch.tensor([verify_answer(text, batch[j // G]["answer"])
                                     for j, text in enumerate(out["texts"])])  # (nq*G,)
             advantages = group_advantages(rewards, G, scale_by_std=args.scale_rewards == "group")  # (nq*G,)
@@ -501,7 +554,7 @@ if __name__ == "__main__":
                     explanations = [bank.get(r["question"]) for r in batch]
                     for e, row in zip(explanations, batch):
                         if e is not None and e["verified"] is None:
-                            e["verified"] = verify_answer(e["explanation"], row["answer"])
+                            e["verified"] = check_explanation(e["explanation"], row, args)
 
         # ---- 3. the positive sample of each question, trained as an answer to the QUESTION prompt
         positives = []  # token ids of (c~, a*) or of the expert solution; None when the question gets no SFT term
@@ -516,9 +569,13 @@ if __name__ == "__main__":
         rollouts = {"prompt_ids": list(out["prompt_ids"]), "completion_ids": list(out["completion_ids"]),
                     "advantages": advantages.tolist(), "in_sft": [False] * nq * G,
                     "in_pg": [ended or not args.mask_truncated for ended in out["eos"]]}
-        if has_positive:
-            # one slot per question, empty when unused, so every rank runs the same number of micro-batches
-            rollouts["prompt_ids"] += question_ids
+        # one slot per question, empty when unused, so every rank runs the same number of micro-batches;
+        # --sft_anchor adds a second: the same explanation under the explanation prompt it was sampled from
+        slots = [question_ids] if has_positive else []
+        if args.sft_anchor:
+            slots.append([list(encode(explanation_prompt(tokenizer, r["question"], r["answer"]))) for r in batch])
+        for prompt_ids in slots:
+            rollouts["prompt_ids"] += prompt_ids
             rollouts["completion_ids"] += [ids or [] for ids in positives]
             rollouts["advantages"] += [0.0] * nq
             rollouts["in_pg"] += [False] * nq
@@ -535,6 +592,7 @@ if __name__ == "__main__":
         with Timer() as t_train:
             train = train_on_rollouts(model, ref_model, optimizer, scheduler, rollouts, args, pad_id)
         skipped_steps += int(train["skipped"])
+        bad_in_a_row = bad_in_a_row + 1 if train["skipped"] else 0  # the same on every rank: the flag is all-reduced
 
         # ---- metrics of the global batch
         completion_tokens = sum(len(c) for c in out["completion_ids"])
@@ -551,6 +609,8 @@ if __name__ == "__main__":
             "gen_tokens": float(completion_tokens + (explanation_tokens if bank is None else 0)),
             "sample_seconds": t_sample.seconds, "train_seconds": t_train.seconds,
             "verify_timeouts": float(VERIFY_STATS["timeouts"]), "verify_errors": float(VERIFY_STATS["errors"]),
+            # answers too long or too complex for sympy (10^{10^{10}}): 0 unless the very string of the gold
+            "verify_prefiltered": float(VERIFY_STATS["too_long"] + VERIFY_STATS["too_complex"]),
         }, op="sum")
         metrics = {
             "reward": tot["reward"] / tot["completions"],
@@ -564,7 +624,8 @@ if __name__ == "__main__":
             "sample_tok_s": tot["gen_tokens"] / (tot["sample_seconds"] / world_size),
             "train_tok_s": train["train_tokens"] / (tot["train_seconds"] / world_size),
             "step_seconds": time.perf_counter() - step_start, "skipped_steps": skipped_steps,
-            "verify_timeouts": tot["verify_timeouts"], "verify_errors": tot["verify_errors"], **probe,
+            "verify_timeouts": tot["verify_timeouts"], "verify_errors": tot["verify_errors"],
+            "verify_prefiltered": tot["verify_prefiltered"], **probe,
         }
         if tot["expl_sampled"]:
             metrics["expl_verified"] = tot["expl_verified"] / tot["expl_sampled"]
@@ -579,15 +640,23 @@ if __name__ == "__main__":
                           "explanation": e and e["explanation"], "explanation_verified": e and e["verified"]})
         logger.log_samples(step, shown)
 
-        # ---- checkpoint, export, evaluation
+        # ---- evaluation, then the step's row, then the checkpoint: a run killed in between redoes the
+        # step from the previous checkpoint (no missing or duplicated row), and the saved random state
+        # already includes what evaluation drew, so a resumed run samples what an uninterrupted one does
         last = step + 1 == total_steps
-        if (args.save_every and (step + 1) % args.save_every == 0) or last:
-            save_checkpoint(args.output_dir, step + 1, model, optimizer, scheduler,
-                            extra={"skipped_steps": skipped_steps}, save_total_limit=args.save_total_limit)
-            export_hf(model, tokenizer, os.path.join(args.output_dir, "hf"))
         if args.eval_every and ((step + 1) % args.eval_every == 0 or last):
             metrics.update(run_eval(model, tokenizer, eval_rows, args))
         logger.log(step, metrics)
+        stop = bad_in_a_row >= args.max_bad_steps
+        if (args.save_every and (step + 1) % args.save_every == 0) or last or stop:
+            save_checkpoint(args.output_dir, step + 1, model, optimizer, scheduler, save_total_limit=args.save_total_limit,
+                            extra={"skipped_steps": skipped_steps, "bad_in_a_row": bad_in_a_row})
+            export_hf(model, tokenizer, os.path.join(args.output_dir, "hf"))
+        if stop:  # the skipped steps left the parameters alone: the checkpoint holds the last good state
+            print0(f"stopping: {bad_in_a_row} steps in a row with a non-finite loss or gradient (--max_bad_steps "
+                   f"{args.max_bad_steps}); the last good parameters are in checkpoint-{step + 1} and hf/")
+            dist.destroy_process_group()
+            sys.exit(1)
 
     print0(f"done: {total_steps} steps, {skipped_steps} optimizer updates skipped (non-finite), "
            f"model in {os.path.join(args.output_dir, 'hf')}")

@@ -342,3 +342,30 @@ def test_none_arm(tmp_path):
                                          "--no_gradient_checkpointing"])
     for r in check_metrics(out, [0, 1]):
         assert r["sft_used"] == 0 and r["sft_loss"] == 0 and "nll_expert" in r and "nll_explanation" not in r
+
+
+@pytest.mark.parametrize("loss_agg", ["seq-mean", "token-mean"])
+def test_zero_advantage_sequences_are_skipped_without_changing_the_update(tiny, loss_agg):
+    """With beta = 0, sequences with advantage 0 outside the SFT term are left out of the passes (but not out of
+    the normalisers): the update equals the one where they pass through with a negligible advantage."""
+    base, tokenizer = tiny
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 500, (4 + j % 3,), generator=g).tolist() for j in range(6)]
+    completions = [torch.randint(3, 500, (5 + j % 2,), generator=g).tolist() for j in range(6)]
+    rollouts = {"prompt_ids": prompts, "completion_ids": completions, "advantages": [1.0, -1.0, 0.0, 0.0, 0.0, 0.0],
+                "in_pg": [True] * 5 + [False], "in_sft": [False] * 5 + [True]}
+    passed = {**rollouts, "advantages": [1.0, -1.0, 1e-30, 1e-30, 1e-30, 0.0]}
+    results = {}
+    for name, r in (("skipped", rollouts), ("passed", passed)):
+        model = copy.deepcopy(base)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        args = Args(model="tiny", beta=0.0, micro_batch_size=2, loss_agg=loss_agg, sft_coef=0.5, max_grad_norm=1e6)
+        metrics = train_on_rollouts(model, None, optimizer, scheduler, r, args, tokenizer.pad_token_id)
+        results[name] = (metrics, [p.detach().clone() for p in model.parameters()])
+    (skipped, p_skipped), (full, p_full) = results["skipped"], results["passed"]
+    assert skipped["train_tokens"] < full["train_tokens"]  # three sequences never ran
+    torch.testing.assert_close(skipped["grad_norm"], full["grad_norm"], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(skipped["sft_loss"], full["sft_loss"], rtol=1e-6, atol=0)
+    for a, b in zip(p_skipped, p_full):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import common
-from conftest import ROOT
+from conftest import ROOT, run_torchrun
 
 
 def true_chain(a: int, b: int) -> str:
@@ -181,3 +181,49 @@ def test_concurrent_builders_share_one_model(tmp_path):
     assert [p.returncode for p in procs] == [0, 0] and outs == [path, path]
     assert os.path.exists(os.path.join(path, "model.safetensors"))
     assert not [n for n in os.listdir(tmp_path) if ".tmp" in n]
+
+
+# ---------------------------------------------------------------- expo_grpo.py on the toy: --explanation_check, --sft_anchor
+
+
+def test_explanation_check_steps_needs_a_step_checker():
+    from expo_grpo import Args, validate_args
+
+    with pytest.raises(SystemExit, match="dataset 'synthetic' has no step checker"):
+        validate_args(Args(model="tiny", dataset="synthetic", explanation_check="steps"), world_size=1)
+    with pytest.raises(SystemExit, match="need --sft_source explanation"):
+        validate_args(Args(model="toy", dataset="addition", sft_source="none", sft_anchor=True), world_size=1)
+    validate_args(Args(model="toy", dataset="addition", explanation_check="steps", sft_anchor=True), world_size=1)
+
+
+def test_two_rank_toy_run_with_step_check_and_anchor(tmp_path):
+    """A short model never explains right, so the explanations come from a file: the true chain of thought for
+    even rows, and for odd rows one with a wrong first step that still copies the right answer (an answer check
+    would keep it). Only the even rows may be trained on, under both prompts."""
+    model = common.build_toy_model(str(tmp_path / "toy"), steps=20, batch_size=32, eval_size=0, verbose=False)
+    rows, _ = common.load_problems("addition", levels=[5, 6], seed=0)
+    path = tmp_path / "explanations.jsonl"
+    with open(path, "w") as f:
+        for i, r in enumerate(rows):
+            steps = r["solution"].split(" ")
+            if i % 2:
+                steps[0] = steps[0][:3] + str((int(steps[0][3]) + 1) % 10)
+            f.write(json.dumps({"question": r["question"], "explanation": " ".join(steps)}) + "\n")
+    out = tmp_path / "run"
+    run_torchrun("expo_grpo.py", [
+        "--model", model, "--dataset", "addition", "--levels", "5-6", "--explanations", str(path),
+        "--explanation_check", "steps", "--sft_anchor", "--batch_size", "4", "--num_generations", "4",
+        "--temperature", "1.0", "--beta", "0", "--lr", "2e-3", "--sft_coef", "1", "--max_new_tokens", "48",
+        "--max_steps", "2", "--gradient_checkpointing", "false", "--save_every", "0", "--probe_every", "0",
+        "--eval_every", "2", "--eval_levels", "5-6", "--eval_limit", "8", "--eval_n", "1", "--eval_temperature", "0",
+        "--output_dir", str(out)])
+    with open(out / "metrics.jsonl") as f:
+        metrics = [json.loads(line) for line in f]
+    assert [m["step"] for m in metrics] == [0, 1]
+    for step, m in enumerate(metrics):
+        assert all(v == v and abs(v) != float("inf") for v in m.values() if isinstance(v, float)), m
+        right = sum(rows.index(r) % 2 == 0 for r in common.global_batch(rows, step, 4, 0)) / 4
+        assert 0 < right < 1 and m["expl_verified"] == m["sft_used"] == right
+        assert m["sft_loss"] > 0 and m["grad_norm"] > 0
+    assert {k for k in metrics[1] if k.startswith("eval/level")} == {"eval/level5/pass@1", "eval/level6/pass@1"}
+    assert metrics[1]["eval/num_problems"] == 8
