@@ -994,9 +994,11 @@ def progress(iterable, desc: str, total: int | None = None):
 
 
 @torch.no_grad()
-def sample(model, tokenizer, prompts: list[str], n: int = 1, max_new_tokens: int = 512, temperature: float = 1.0,
-           top_p: float = 1.0, micro_batch_size: int = 16, min_new_tokens: int = 0, desc: str = "sampling") -> dict:
-    """n completions for each prompt, generated in left-padded micro-batches with the KV cache.
+def sample(model, tokenizer, prompts: list[str], n: int | list[int] = 1, max_new_tokens: int = 512,
+           temperature: float = 1.0, top_p: float = 1.0, micro_batch_size: int = 16, min_new_tokens: int = 0,
+           desc: str = "sampling") -> dict:
+    """n completions for each prompt (or n[i] for prompt i), generated in left-padded micro-batches with the
+    KV cache. Prompts of different kinds go in one call, so they share micro-batches (fewer decoding loops).
 
     Returns lists ordered prompt-major (the completions of prompt i are at i*n .. i*n+n-1):
       prompt_ids[j]      token ids of the prompt of completion j (no padding)
@@ -1008,7 +1010,8 @@ def sample(model, tokenizer, prompts: list[str], n: int = 1, max_new_tokens: int
     device = next(model.parameters()).device
     # a rank with no prompts still joins the FSDP all-gather below, so an empty list must work
     prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"] if prompts else []
-    jobs = [i for i in range(len(prompts)) for _ in range(n)]
+    counts = n if isinstance(n, list) else [n] * len(prompts)
+    jobs = [i for i, k in enumerate(counts) for _ in range(k)]
     # similar lengths in a micro-batch waste less on padding
     order = sorted(range(len(jobs)), key=lambda j: len(prompt_ids[jobs[j]]))
     completions: list = [None] * len(jobs)

@@ -19,6 +19,8 @@ One GPU:     python expo_dpo.py --output_dir runs/dpo
 Four GPUs:   torchrun --nproc_per_node 4 expo_dpo.py     (the paper's setting, online, MATH train)
 Offline:     torchrun --nproc_per_node 4 expo_dpo.py --regen_every 0
 c_E arm:     torchrun --nproc_per_node 4 expo_dpo.py --chosen expert
+Two nodes:   torchrun --nnodes 2 --nproc_per_node 8 --node_rank $NODE_RANK --master_addr $FIRST_NODE \\
+                 --master_port 29500 expo_dpo.py --batch_size 64 [--hybrid_shard]     (README "Multi-node")
 CPU demo:    torchrun --nproc_per_node 2 expo_dpo.py --model tiny --dataset synthetic --chosen expert \\
                  --batch_size 4 --micro_batch_size 2 --num_samples 2 --max_new_tokens 16 --max_steps 4 \\
                  --output_dir runs/dpo-demo

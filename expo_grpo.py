@@ -21,6 +21,9 @@ Commands
       torchrun --nproc_per_node 4 expo_grpo.py --sft_source none --output_dir runs/grpo
   1 GPU:
       torchrun --nproc_per_node 1 expo_grpo.py --batch_size 8 --micro_batch_size 4
+  2 nodes of 8 GPUs (the same on both, NODE_RANK 0 and 1; README "Multi-node"; --hybrid_shard: HSDP):
+      torchrun --nnodes 2 --nproc_per_node 8 --node_rank $NODE_RANK --master_addr $FIRST_NODE --master_port 29500 \
+          expo_grpo.py --batch_size 64 --output_dir /shared/runs/expo_grpo
   CPU toy lab, GRPO vs ExP-GRPO on n-digit addition (README "Toy lab"): bash examples/toy_lab.sh
   CPU demo (random-weight tiny model, synthetic arithmetic, about a minute):
       torchrun --nproc_per_node 2 expo_grpo.py --model tiny --dataset synthetic --levels 1-2 --batch_size 4 \
@@ -252,6 +255,11 @@ def self_explanations(model, tokenizer, rows: list[dict], args: Args) -> list[di
     prompts = [explanation_prompt(tokenizer, r["question"], r["answer"]) for r in rows]
     out = sample(model, tokenizer, prompts, n=1, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                  micro_batch_size=args.gen_batch_size, min_new_tokens=args.min_new_tokens, desc="explanations")
+    return explanation_records(rows, out, args)
+
+
+def explanation_records(rows: list[dict], out: dict, args: Args) -> list[dict]:
+    """`sample`'s output for the explanation prompts of `rows` -> the records `self_explanations` returns."""
     return [{"explanation": text, "completion_ids": ids, "verified": check_explanation(text, row, args)}
             for row, text, ids in zip(rows, out["texts"], out["completion_ids"])]
 
@@ -536,9 +544,15 @@ if __name__ == "__main__":
 
         # ---- 1. G completions per question under the question prompt, rewarded by math-verify
         with Timer() as t_sample:
-            out = sample(model, tokenizer, [question_prompt(tokenizer, r["question"]) for r in batch], n=G,
+            # online self-explanations (step 2) are generated in the same call: one rollout instead of two
+            online = args.sft_source == "explanation" and bank is None
+            prompts = [question_prompt(tokenizer, r["question"]) for r in batch]
+            prompts += [explanation_prompt(tokenizer, r["question"], r["answer"]) for r in batch] if online else []
+            out = sample(model, tokenizer, prompts, n=[G] * nq + [1] * (len(prompts) - nq),
                          max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                          micro_batch_size=args.gen_batch_size, min_new_tokens=args.min_new_tokens)
+            explanation_out = {k: v[nq * G :] for k, v in out.items()}
+            out = {k: v[: nq * G] for k, v in out.items()}
             rewards = torch.tensor([verify_answer(text, batch[j // G]["answer"])
                                     for j, text in enumerate(out["texts"])])  # (nq*G,)
             advantages = group_advantages(rewards, G, scale_by_std=args.scale_rewards == "group")  # (nq*G,)
@@ -548,8 +562,8 @@ if __name__ == "__main__":
             # ---- 2. a self-explanation per question, c~ ~ pi(. | q, a*), kept only if it reaches a*
             explanations = None
             if args.sft_source == "explanation":
-                if bank is None:
-                    explanations = self_explanations(model, tokenizer, batch, args)
+                if online:
+                    explanations = explanation_records(batch, explanation_out, args)
                 else:
                     explanations = [bank.get(r["question"]) for r in batch]
                     for e, row in zip(explanations, batch):
