@@ -1,0 +1,95 @@
+"""What the benchmarks share: running expo_grpo.py for a few steps and reading its per-step times, medians,
+and a markdown table. Not a benchmark itself (pytest never collects this folder: it has no test_*.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# Same threads for every contender: the machine is shared and the comparison is per process.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+       "PYTHONPATH": ROOT, "PYTHONWARNINGS": "ignore"}
+
+# Every answer verifies: with a random-weight model no explanation ever reaches a*, so without this the
+# ExP-GRPO arm would never train on one and its cost would be understated. Rewards being all 1 changes
+# no amount of work (the policy loss is computed the same way), so both arms run with it.
+ALL_VERIFIED = "import common; common.verify_answer = lambda *a, **k: 1.0; "
+
+
+def run_expo(args: list[str], warmup: int, all_verified: bool = False, timeout: int = 900) -> list[float]:
+    """Run `python expo_grpo.py ARGS` in one process; return step_seconds of the steps after `warmup`."""
+    with tempfile.TemporaryDirectory() as out:
+        code = ("import runpy, sys; sys.argv = ['expo_grpo.py'] + sys.argv[1:]; "
+                + (ALL_VERIFIED if all_verified else "") + "runpy.run_path('expo_grpo.py', run_name='__main__')")
+        cmd = [sys.executable, "-c", code, *args, "--output_dir", out, "--save_every", "0", "--probe_every", "0",
+               "--log_samples", "0"]
+        proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    return [r["step_seconds"] for r in rows[warmup:]]
+
+
+def median(xs):
+    return statistics.median(xs)
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    def fmt(v):
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def torchrun(nproc: int) -> list[str]:
+    """The start of a command line that launches a script on `nproc` local gloo ranks."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+            "127.0.0.1", "--master_port", str(port)]
+
+
+def _status_mb(key: str) -> float:
+    with open("/proc/self/status") as f:
+        line = next(ln for ln in f if ln.startswith(key + ":"))
+    return int(line.split()[1]) / 1024  # kB -> MiB
+
+
+def rss_mb() -> float:
+    """Resident memory of this process now, MiB (Linux)."""
+    return _status_mb("VmRSS")
+
+
+def reset_peak_rss() -> float:
+    """Return memory that the allocator holds but no longer uses, then restart the peak-RSS count from the
+    current RSS (Linux: writing 5 to clear_refs resets VmHWM). Returns the RSS, MiB."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return rss_mb()
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory since the last `reset_peak_rss`, MiB."""
+    return _status_mb("VmHWM")
