@@ -243,9 +243,15 @@ def check_output_dir(path: str) -> None:
 
 def load_tokenizer(name: str):
     """Tokenizer with left padding (generation appends on the right) and a pad token."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name))
+    path = resolve_model_path(name)
+    config = os.path.join(path, "tokenizer_config.json")
+    own = os.path.exists(config) and json.load(open(config)).get("tokenizer_class") in (
+        "TokenizersBackend", "PreTrainedTokenizerFast")
+    # AutoTokenizer picks the class from the model type (qwen2) and would swap the pre-tokenizer of the tiny
+    # and toy tokenizers for Qwen's, which drops the toy's spaces: load those exactly as they were saved
+    tokenizer = (PreTrainedTokenizerFast if own else AutoTokenizer).from_pretrained(path)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

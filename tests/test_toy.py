@@ -165,6 +165,10 @@ def test_toy_model_build_is_deterministic_and_loads(tmp_path):
 
     model = common.load_model(a, torch.device("cpu"))
     tok = common.load_tokenizer(a)
+    # beside a qwen2 config.json, transformers would load Qwen's tokenizer class, which drops the spaces
+    text = r"7805 4318 \boxed{85}"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(text) and tok.decode(ids) == text
     out = common.sample(model, tok, [common.question_prompt(tok, "12+34")], max_new_tokens=8, temperature=1.0)
     assert len(out["completion_ids"][0]) <= 8
 
