@@ -158,6 +158,23 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
+def small_qwen2(tokenizer, num_layers: int, num_kv_heads: int, max_positions: int):
+    """A width-64 Qwen2 with random weights over `tokenizer`'s vocabulary, its EOS and pad wired into generation."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
+        num_attention_heads=4, num_key_value_heads=num_kv_heads, max_position_embeddings=max_positions,
+        tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+    model = Qwen2ForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = None
+    return model
+
+
 def build_tiny_model(path: str | None = None, seed: int = 0) -> str:
     """Build (once) a small Qwen2-architecture causal LM with random weights and its own BPE tokenizer.
 
@@ -166,7 +183,7 @@ def build_tiny_model(path: str | None = None, seed: int = 0) -> str:
     written to a temporary name and renamed, so concurrent builders (several ranks) never see half a model.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    from transformers import PreTrainedTokenizerFast
 
     path = path or os.path.join(CACHE_DIR, f"tiny-v1-seed{seed}")
     if os.path.exists(os.path.join(path, "config.json")):
@@ -188,14 +205,7 @@ def build_tiny_model(path: str | None = None, seed: int = 0) -> str:
     )
     tokenizer.chat_template = CHAT_TEMPLATE
     torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
-    )
-    model = Qwen2ForCausalLM(config)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model = small_qwen2(tokenizer, num_layers=2, num_kv_heads=2, max_positions=2048)
     tmp = f"{path}.tmp{os.getpid()}"
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
@@ -914,19 +924,9 @@ def build_toy_model(path: str | None = None, seed: int = 0, steps: int = 1000, b
 
 
 def _train_toy_model(seed: int, steps: int, batch_size: int, lr: float, verbose: bool):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
     tokenizer = toy_tokenizer()
     torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=96, tie_word_embeddings=True,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
-    )
-    model = Qwen2ForCausalLM(config)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.bos_token_id = None
+    model = small_qwen2(tokenizer, num_layers=3, num_kv_heads=4, max_positions=96)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     scheduler = cosine_schedule(optimizer, steps, warmup_ratio=1 / 15)  # TOYLAB: 100 of 1500 steps
     vocab = tokenizer.get_vocab()
