@@ -251,6 +251,16 @@ def check_output_dir(path: str) -> None:
         raise ValueError(f"output directory {path!r} cannot be written: {existing!r} {why}")
 
 
+class LoadError(ValueError):
+    """A model or tokenizer that cannot be loaded: one line naming it and why (the trainers print it and exit)."""
+
+
+def _load_error(kind: str, name: str, e: Exception) -> LoadError:
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return LoadError(f"cannot load the {kind} of {name!r}: {reason} (no network? a hub id needs it, or a local "
+                     "copy: `huggingface-cli download ID` once, then the same id works offline)")
+
+
 def load_tokenizer(name: str):
     """Tokenizer with left padding (generation appends on the right) and a pad token."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
@@ -261,7 +271,10 @@ def load_tokenizer(name: str):
         "TokenizersBackend", "PreTrainedTokenizerFast")
     # AutoTokenizer picks the class from the model type (qwen2) and would swap the pre-tokenizer of the tiny
     # and toy tokenizers for Qwen's, which drops the toy's spaces: load those exactly as they were saved
-    tokenizer = (PreTrainedTokenizerFast if own else AutoTokenizer).from_pretrained(path)
+    try:
+        tokenizer = (PreTrainedTokenizerFast if own else AutoTokenizer).from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise _load_error("tokenizer", name, e) from None
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -277,21 +290,30 @@ def attention_implementation(device: torch.device) -> str:
     return "sdpa"
 
 
-def load_model(name: str, device: torch.device, gradient_checkpointing: bool = False, attn: str | None = None):
-    """Causal LM from a hub id, a local directory or `tiny`, with fp32 master weights.
+def load_model(name: str, device: torch.device, gradient_checkpointing: bool = False, attn: str | None = None,
+               trainable: bool = True):
+    """Causal LM from a hub id, a local directory or `tiny`, with fp32 master weights, in training mode.
 
-    Weights stay fp32 here: FSDP's MixedPrecisionPolicy casts to bf16 for compute on GPU, while the
-    optimizer updates fp32 copies (tiny updates at lr 3e-6 vanish in bf16).
+    Weights stay fp32 here: FSDP's MixedPrecisionPolicy casts to bf16 for compute, while the optimizer updates
+    fp32 copies (tiny updates at lr 3e-6 vanish in bf16). `model.checkpoint_dtype` remembers the dtype the
+    checkpoint was saved in, so `export_hf` writes that back (bf16 for Qwen2.5-Instruct, not 2x the bytes).
+    from_pretrained returns eval mode; a policy is put in training mode, else transformers' activation
+    checkpointing never recomputes (it acts only when `self.training`) and all activations stay in memory.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
-        resolve_model_path(name), dtype=torch.float32, attn_implementation=attn or attention_implementation(device)
-    )
+    path = resolve_model_path(name)
+    try:
+        saved_dtype = getattr(AutoConfig.from_pretrained(path), "dtype", None)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, attn_implementation=attn or attention_implementation(device))
+    except (OSError, ValueError) as e:
+        raise _load_error("model", name, e) from None
+    model.checkpoint_dtype = saved_dtype if isinstance(saved_dtype, torch.dtype) else torch.float32
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False  # training forward passes; sample() turns the KV cache on explicitly
-    return model
+    return model.train(trainable)
 
 
 def device_mesh(device: torch.device, hybrid: bool = False):
@@ -309,16 +331,17 @@ def device_mesh(device: torch.device, hybrid: bool = False):
     return init_device_mesh(device.type, (world,), mesh_dim_names=("shard",))
 
 
-def shard_model(model, device: torch.device, mesh=None, trainable: bool = True):
+def shard_model(model, device: torch.device, mesh=None, trainable: bool = True, bf16: bool | None = None):
     """FSDP2: `fully_shard` every decoder layer, then the root (embeddings, final norm, lm_head).
 
-    On GPU the policy computes in bf16 and reduces gradients in fp32; on CPU everything stays fp32.
+    With `bf16` (default: on GPU) the model computes in bf16 from fp32 master weights and reduces gradients
+    in fp32 (MixedPrecisionPolicy); without it everything stays fp32 (the CPU default).
     A frozen model (the reference) is sharded the same way and just never gets an optimizer.
     `mesh` may be 2-D (replicate, shard) for hybrid sharding across nodes (see `device_mesh`).
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    if device.type == "cuda":
+    if device.type == "cuda" if bf16 is None else bf16:
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     else:
         mp = MixedPrecisionPolicy()
@@ -691,12 +714,15 @@ def check_columns(columns, source: str) -> None:
 
 
 def load_problems(source: str, split: str = "train", config: str | None = None, levels=None,
-                  limit: int | None = None, seed: int = 0, synthetic_size: int = 2000) -> tuple[list[dict], Counter]:
+                  limit: int | None = None, seed: int = 0, synthetic_size: int = 2000,
+                  levels_flag: str | None = None) -> tuple[list[dict], Counter]:
     """Rows {question, answer, solution, level, subject} and a Counter of what was skipped and why.
 
     `source`: `synthetic`, `addition` (the toy task, see "Toy world"), a local .jsonl/.json/.parquet file,
     or a hub dataset id (with `split`, `config`). Rows are shuffled deterministically by `seed`, then filtered
     by `levels`, then cut to `limit`.
+    Data with no level at all (GSM8K) is a ValueError naming `levels_flag` when `levels` keeps nothing, or, with
+    `levels_flag` None (the caller's default levels, not the user's), is kept whole (counted as `no_levels`).
     """
     stats: Counter = Counter()
     if source == "synthetic":
@@ -714,16 +740,22 @@ def load_problems(source: str, split: str = "train", config: str | None = None, 
         raw = list(datasets.load_dataset(source, config, split=split))
     if raw:
         check_columns(set().union(*(r.keys() for r in raw[:100])), source)
-    rows = []
-    for r in raw:
-        row = normalize_row(r)
+    rows = [normalize_row(r) for r in raw]
+    if levels and not any(row and row["level"] is not None for row in rows):
+        if levels_flag is not None:
+            raise ValueError(f"dataset {source!r} has no difficulty levels (no `level` column), so {levels_flag} "
+                             f"keeps none of its {len(rows)} rows: drop that flag or pass it as `all`")
+        levels, stats["no_levels"] = None, len(rows)
+    kept = []
+    for r, row in zip(raw, rows):
         if row is None:
             question = r.get("problem", r.get("question"))
             stats["no_question" if not isinstance(question, str) or not question.strip() else "no_answer"] += 1
         elif levels and row["level"] not in levels:
             stats["other_level"] += 1
         else:
-            rows.append(row)
+            kept.append(row)
+    rows = kept
     random.Random(seed).shuffle(rows)
     if limit:
         rows = rows[:limit]
@@ -990,13 +1022,27 @@ def toy_rates(model, tokenizer, n: int = 200, micro_batch_size: int = 256) -> di
 # ----------------------------------------------------------------------------------------------------
 
 
-def progress(iterable, desc: str, total: int | None = None):
-    """tqdm on rank 0 when stderr is a terminal, the bare iterable otherwise (keeps CI logs clean)."""
-    if (dist.is_initialized() and dist.get_rank() != 0) or not sys.stderr.isatty():
-        return iterable
-    from tqdm import tqdm
+def progress(iterable, desc: str, total: int | None = None, every: float = 30.0):
+    """Yield from `iterable` and report how far it is, on rank 0 only: tqdm when stderr is a terminal, else
+    (a log file, CI) one line `desc: done/total, rate/s, eta` at most every `every` seconds, so a long phase
+    (offline explanations, DPO pairs, evaluation) never looks like a hang."""
+    if dist.is_initialized() and dist.get_rank() != 0:
+        yield from iterable
+        return
+    total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
+    if sys.stderr.isatty():
+        from tqdm import tqdm
 
-    return tqdm(iterable, desc=desc, total=total, leave=False)
+        yield from tqdm(iterable, desc=desc, total=total, leave=False)
+        return
+    start = last = time.perf_counter()
+    for done, item in enumerate(iterable, start=1):
+        yield item
+        now = time.perf_counter()
+        if now - last >= every:
+            last, rate = now, done / (now - start)
+            eta = f", eta {(total - done) / rate:.0f}s" if total else ""
+            print(f"{desc}: {done}/{total if total else '?'}, {rate:.2f}/s{eta}", flush=True)
 
 
 @torch.no_grad()
@@ -1265,7 +1311,9 @@ def load_checkpoint(path: str, model, optimizer, scheduler) -> dict:
 
 
 def export_hf(model, tokenizer, path: str) -> None:
-    """Write a Hugging Face directory (safetensors + config + tokenizer) that `from_pretrained` loads.
+    """Write a Hugging Face directory (safetensors + config + generation_config + tokenizer) that
+    `from_pretrained` loads, in the dtype the checkpoint came in (`load_model`'s `checkpoint_dtype`): a bf16
+    hub model is exported in bf16, not as its fp32 master weights.
 
     The full state dict is gathered to rank 0's CPU, so this works for a sharded model of any size that
     fits in host memory.
@@ -1274,12 +1322,15 @@ def export_hf(model, tokenizer, path: str) -> None:
 
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() == 0:
+        dtype = getattr(model, "checkpoint_dtype", torch.float32)
+        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
         tmp = path.rstrip("/") + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         # save_pretrained writes the class name into config.architectures; FSDP renamed the class
         base = next(c for c in type(model).__mro__ if not c.__name__.startswith("FSDP"))
         model.config.architectures = [base.__name__]
-        model.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
+        model.save_pretrained(tmp, state_dict=sd, safe_serialization=True)  # also the checkpoint's generation_config
+        model.config.dtype = dtype  # save_pretrained wrote the dtype of the fp32 master weights
         model.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(path, ignore_errors=True)

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from common import (
-    MetricsLogger, Timer, all_reduce_dict, check_dataset_name, check_model_name, check_output_dir, cleanup_distributed,
+    LoadError, MetricsLogger, Timer, all_reduce_dict, check_dataset_name, check_model_name, check_output_dir, cleanup_distributed,
     cosine_schedule, device_mesh, explanation_prompt, export_hf, gather_objects, global_batch, init_distributed,
     latest_checkpoint, load_checkpoint, load_model, load_problems, load_tokenizer, make_batch, parse_levels, print0,
     question_prompt, sample, save_checkpoint, seed_everything, shard_model, token_logprobs, verify_answer,
@@ -60,6 +60,7 @@ class Args:
     chosen: Literal["explanation", "expert"] = field(default="explanation", metadata={"help": "chosen response: `explanation` (ExP-DPO) or `expert` (dataset solution, the c_E baseline)"})
     num_samples: int = field(default=4, metadata={"help": "CoTs sampled per question to find a wrong one (the rejected response)"})
     num_explanations: int = field(default=1, metadata={"help": "self-explanations sampled per question to find a verified one"})
+    rejected_truncated: Literal["skip", "keep"] = field(default="skip", metadata={"help": "a question whose wrong CoTs were all cut at max_new_tokens: skip it (counted), or keep the cut one as rejected (no EOS)"})
     regen_every: int = field(default=1, metadata={"help": "0: build all pairs once from the initial policy (offline); K: rebuild the pairs of the next K steps with the current policy (online)"})
     temperature: float = field(default=0.9, metadata={"help": "sampling temperature for CoTs and explanations"})
     max_new_tokens: int = field(default=1024, metadata={"help": "maximum length of a sampled response"})
@@ -75,6 +76,7 @@ class Args:
     epochs: int = field(default=1, metadata={"help": "passes over the questions"})
     max_steps: int = field(default=0, metadata={"help": "stop after this many optimizer steps (0: from epochs)"})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute activations in backward to save memory"})
+    bf16: bool | None = field(default=None, metadata={"help": "compute in bf16 from fp32 master weights, gradients reduced in fp32 (default: on GPU, not on CPU)"})
     max_bad_steps: int = field(default=10, metadata={"help": "stop (with a checkpoint of the last good state) after this many steps in a row with a non-finite loss or gradient"})
     hybrid_shard: bool = field(default=False, metadata={"help": "multi-node: shard within each node, replicate across nodes (HSDP); default: shard across all ranks"})
     seed: int = field(default=42, metadata={"help": "seed of sampling and data order"})
@@ -133,44 +135,56 @@ def validate_args(args: Args, world_size: int) -> None:
 
 
 def build_pairs(items: list[tuple[int, dict]], tokenizer, sampler, chosen: str = "explanation",
-                num_samples: int = 4, num_explanations: int = 1) -> tuple[list[dict], dict]:
-    """(chosen, rejected) text pairs for `items` = [(question id, row)], and counts of what happened.
+                num_samples: int = 4, num_explanations: int = 1, rejected_truncated: str = "skip") -> tuple[list[dict], dict]:
+    """(chosen, rejected) pairs for `items` = [(question id, row)], and counts of what happened.
 
-    `sampler(prompts, n) -> texts` returns n completions per prompt, prompt-major. It is called exactly
-    once for CoTs and (for `chosen == "explanation"`) once for explanations, whatever the data, even with
-    an empty list: under FSDP sampling is a collective, so every rank must call it equally often.
+    `sampler(prompts, n)` returns `sample()`'s dict (texts, completion_ids, eos), n completions per prompt,
+    prompt-major. It is called exactly once for CoTs and (for `chosen == "explanation"`) once for
+    explanations, whatever the data, even with an empty list: under FSDP sampling is a collective, so every
+    rank must call it equally often. Each response keeps the token ids that were sampled, ending with EOS
+    only if EOS was sampled. The rejected CoT is a wrong one that ended before one cut at max_new_tokens;
+    a question whose wrong CoTs were all cut is skipped (`rejected_truncated="skip"`, counted as `truncated`)
+    or uses the cut one (`"keep"`, trained without an EOS it never produced).
     Example: gold 7, CoTs [\\boxed{7}, \\boxed{9}] and explanation "... \\boxed{7}" -> chosen = the
     explanation, rejected = the \\boxed{9} CoT. CoTs [\\boxed{7}, \\boxed{7}] -> no pair (`all_correct`).
     """
+    def responses(out, k, n):  # the k-th prompt's n responses: (text, ids, ended)
+        return list(zip(out["texts"], out["completion_ids"], out["eos"]))[k * n : (k + 1) * n]
+
     cots = sampler([question_prompt(tokenizer, row["question"]) for _, row in items], num_samples)
-    stats = {"questions": len(items), "cot_correct": 0.0, "all_correct": 0, "explained": 0, "explanations_verified": 0,
-             "unverified": 0, "no_solution": 0, "built": 0}
+    stats = {"questions": len(items), "cot_correct": 0.0, "all_correct": 0, "truncated": 0, "explained": 0,
+             "explanations_verified": 0, "unverified": 0, "no_solution": 0, "built": 0}
     candidates = []  # (qid, row, wrong CoT): the questions that can still make a pair
     for k, (qid, row) in enumerate(items):
-        rewards = [verify_answer(t, row["answer"]) for t in cots[k * num_samples : (k + 1) * num_samples]]
+        group = responses(cots, k, num_samples)
+        rewards = [verify_answer(text, row["answer"]) for text, _, _ in group]
         stats["cot_correct"] += sum(rewards)
-        wrong = [t for t, r in zip(cots[k * num_samples : (k + 1) * num_samples], rewards) if r == 0]
-        if wrong:
-            candidates.append((qid, row, wrong[0]))
-        else:
+        wrong = sorted((r for r, reward in zip(group, rewards) if reward == 0), key=lambda r: not r[2])  # ended first
+        if not wrong:
             stats["all_correct"] += 1
+        elif not wrong[0][2] and rejected_truncated == "skip":
+            stats["truncated"] += 1
+        else:
+            candidates.append((qid, row, wrong[0]))
     if chosen == "explanation":
         # only questions with a wrong CoT need an explanation: the others cannot make a pair anyway
-        texts = sampler([explanation_prompt(tokenizer, row["question"], row["answer"]) for _, row, _ in candidates],
-                        num_explanations)
+        out = sampler([explanation_prompt(tokenizer, row["question"], row["answer"]) for _, row, _ in candidates],
+                      num_explanations)
         positives = []
         for k, (_, row, _) in enumerate(candidates):
-            group = texts[k * num_explanations : (k + 1) * num_explanations]
-            verified = [t for t in group if verify_answer(t, row["answer"]) == 1.0]
+            group = responses(out, k, num_explanations)
+            verified = sorted((r for r in group if verify_answer(r[0], row["answer"]) == 1.0), key=lambda r: not r[2])
             stats["explained"] += len(group)
             stats["explanations_verified"] += len(verified)
             positives.append(verified[0] if verified else None)
             stats["unverified"] += not verified
-    else:
-        positives = [row.get("solution") for _, row, _ in candidates]
+    else:  # a dataset solution is a complete answer: its tokens and EOS
+        positives = [(row["solution"], tokenizer(row["solution"], add_special_tokens=False)["input_ids"]
+                      + [tokenizer.eos_token_id], True) if row.get("solution") else None for _, row, _ in candidates]
         stats["no_solution"] = sum(p is None for p in positives)
     pairs = [{"qid": qid, "question": row["question"], "answer": row["answer"], "level": row.get("level"),
-              "chosen": pos, "rejected": neg}
+              "chosen": pos[0], "chosen_ids": pos[1], "chosen_eos": pos[2],
+              "rejected": neg[0], "rejected_ids": neg[1], "rejected_eos": neg[2]}
              for (qid, row, neg), pos in zip(candidates, positives) if pos is not None]
     stats["built"] = len(pairs)
     return pairs, stats
@@ -180,13 +194,11 @@ def sequence_logps(model, tokenizer, pairs: list[dict], device) -> tuple[torch.T
     """log pi(y|q) = sum over response tokens of log pi(y_t | q, y_<t), for chosen and rejected: (b,), (b,).
 
     Both responses go under the QUESTION prompt (never the explanation prompt) in one forward pass of 2b
-    sequences. A response is its text's tokens plus EOS, the end of the assistant turn. Also returns the
-    number of tokens processed.
+    sequences. A response is the token ids that were sampled (`chosen_ids`, `rejected_ids`): EOS is scored
+    only where it was sampled. Also returns the number of tokens processed.
     """
-    encode = lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]  # noqa: E731
-    prompts = encode([question_prompt(tokenizer, p["question"]) for p in pairs])
-    responses = encode([p["chosen"] for p in pairs] + [p["rejected"] for p in pairs])
-    responses = [r + [tokenizer.eos_token_id] for r in responses]
+    prompts = tokenizer([question_prompt(tokenizer, p["question"]) for p in pairs], add_special_tokens=False)["input_ids"]
+    responses = [p["chosen_ids"] for p in pairs] + [p["rejected_ids"] for p in pairs]
     batch = make_batch(prompts + prompts, responses, tokenizer.pad_token_id, device)
     logps = token_logprobs(model, batch["input_ids"], batch["attention_mask"])  # (2b, T-1)
     seq_logps = (logps * batch["completion_mask"]).sum(-1)  # (2b,)
@@ -265,6 +277,7 @@ def dpo_backward(model, tokenizer, step_pairs: list[dict], beta: float, rank: in
     """
     n_pairs = len(step_pairs)
     sums, loss_sum, tokens = {}, 0.0, 0
+    model.train()  # whatever sampling or evaluation left: activation checkpointing recomputes only in training mode
     for mb, real in rank_micro_batches(step_pairs, rank, world_size, micro_batch_size):
         chosen, rejected, n_tokens = sequence_logps(model, tokenizer, mb, device)
         ref_chosen = torch.tensor([p["ref_chosen_logp"] for p in mb], device=device)
@@ -282,7 +295,11 @@ def dpo_backward(model, tokenizer, step_pairs: list[dict], beta: float, rank: in
 
 def read_pairs(path: str) -> dict[int, dict]:
     with open(path) as f:
-        return {p["qid"]: p for p in map(json.loads, f)}
+        pairs = {p["qid"]: p for p in map(json.loads, f)}
+    if any("chosen_ids" not in p for p in pairs.values()):
+        raise SystemExit(f"expo_dpo.py: error: {path} holds pairs as text only (written before responses were kept "
+                         "as sampled token ids): start this run again without --resume")
+    return pairs
 
 
 def run_eval(model, tokenizer, eval_rows, args: Args, step: int) -> dict:
@@ -333,12 +350,19 @@ def main():
     print0("reference: the initial model, " + ("a frozen copy" if online else "scored by the policy before step 1"))
     seed_everything(args.seed, rank)
 
-    tokenizer = load_tokenizer(args.model)
+    try:
+        tokenizer = load_tokenizer(args.model)
+        policy = load_model(args.model, device, args.gradient_checkpointing)
+        # offline pairs all come from the initial policy, so its own no-grad pass before training is the
+        # reference: no second copy of the model is needed
+        ref_model = load_model(args.model, device, trainable=False) if online else None
+    except LoadError as e:
+        print0(f"expo_dpo.py: error: {e}", file=sys.stderr)
+        cleanup_distributed()
+        sys.exit(2)
     mesh = device_mesh(device, hybrid=args.hybrid_shard)
-    model = shard_model(load_model(args.model, device, args.gradient_checkpointing), device, mesh)
-    # offline pairs all come from the initial policy, so its own no-grad pass before training is the
-    # reference: no second copy of the model is needed
-    ref_model = shard_model(load_model(args.model, device), device, mesh, trainable=False) if online else model
+    model = shard_model(policy, device, mesh, bf16=args.bf16)
+    ref_model = shard_model(ref_model, device, mesh, trainable=False, bf16=args.bf16) if online else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = cosine_schedule(optimizer, total_steps, args.warmup_ratio)
     state = {"round": -1, "pairs_path": None, "rounds_built": 0, "nonfinite_steps": 0, "empty_steps": 0,
@@ -351,6 +375,9 @@ def main():
         state.update(extra)
         if state["pairs_path"] and (not online or start_step % K):  # mid-round: train on the same pairs
             pairs = read_pairs(state["pairs_path"])
+        if not online and total_steps > state.get("pairs_until", total_steps):
+            raise SystemExit(f"expo_dpo.py: error: the offline pairs were built by the initial policy for "
+                             f"{state['pairs_until']} steps, and it is gone: resume with --max_steps {state['pairs_until']}")
         print0(f"resumed from {ckpt} at step {start_step} (round {state['round']}, "
                f"{'same pairs from ' + state['pairs_path'] if pairs is not None else 'new round next'})")
     logger = MetricsLogger(args.output_dir, asdict(args), args.wandb_project,
@@ -362,25 +389,27 @@ def main():
 
     def sampler(prompts, n):
         return sample(model, tokenizer, prompts, n=n, max_new_tokens=args.max_new_tokens,
-                      temperature=args.temperature, micro_batch_size=args.gen_batch_size, desc="pairs")["texts"]
+                      temperature=args.temperature, micro_batch_size=args.gen_batch_size, desc="pairs")
 
     for step in range(start_step, total_steps):
         metrics = {}
         # ---- pairs: built once (offline) or for the next K steps with the current policy (online) ----
         if pairs is None or (online and step % K == 0):
             state["round"] = step // K if online else 0
-            round_qids = qids
-            if online:  # the questions of the K steps this round serves
-                round_qids = list(dict.fromkeys(q for s in range(step, min(step + K, total_steps))
-                                                for q in global_batch(qids, s, args.batch_size, args.seed)))
+            # the questions of the steps this round serves: the next K (online), or all the run has left (offline)
+            last = min(step + K, total_steps) if online else total_steps
+            round_qids = list(dict.fromkeys(q for s in range(step, last)
+                                            for q in global_batch(qids, s, args.batch_size, args.seed)))
             with Timer() as t_build:
                 local_pairs, stats = build_pairs([(q, rows[q]) for q in round_qids[rank::world]], tokenizer, sampler,
-                                                 args.chosen, args.num_samples, args.num_explanations)
+                                                 args.chosen, args.num_samples, args.num_explanations,
+                                                 args.rejected_truncated)
                 stats = all_reduce_dict(stats, "sum")
                 round_pairs = [p for part in gather_objects(local_pairs) for p in part]
                 score_reference(ref_model, tokenizer, round_pairs, rank, world, args.micro_batch_size, device)
             pairs = {p["qid"]: p for p in round_pairs}
             state["rounds_built"] += 1
+            state["pairs_until"] = last
             state["pairs_path"] = os.path.join(args.output_dir, f"pairs-round{state['round']}.jsonl")
             if rank == 0:
                 with open(state["pairs_path"], "w") as f:
@@ -390,6 +419,7 @@ def main():
                 "pairs/built": stats["built"],
                 "pairs/skipped": stats["questions"] - stats["built"],
                 "pairs/skipped_all_correct": stats["all_correct"],
+                "pairs/skipped_truncated": stats["truncated"],
                 "pairs/skipped_unverified": stats["unverified"],
                 "pairs/skipped_no_solution": stats["no_solution"],
                 "pairs/cot_accuracy": stats["cot_correct"] / max(1, stats["questions"] * args.num_samples),

@@ -45,7 +45,7 @@ from typing import Literal, Optional
 import torch
 import torch.distributed as dist
 
-from common import (STEP_CHECKERS, VERIFY_STATS, MetricsLogger, Timer, all_reduce_dict, check_dataset_name,
+from common import (STEP_CHECKERS, VERIFY_STATS, LoadError, MetricsLogger, Timer, all_reduce_dict, check_dataset_name,
                     check_model_name, check_output_dir, cosine_schedule, device_mesh, explanation_prompt, export_hf,
                     gather_objects, global_batch, init_distributed, latest_checkpoint, load_checkpoint, load_model,
                     load_problems, load_tokenizer, make_batch, parse_levels, print0, question_prompt, sample,
@@ -59,7 +59,7 @@ class Args:
     dataset: str = field(default="DigitalLearningGmbH/MATH-lighteval", metadata={"help": "hub id (question|problem and solution|answer columns), local .jsonl/.json/.parquet, or `synthetic`"})
     dataset_config: Optional[str] = field(default=None, metadata={"help": "hub dataset configuration name"})
     split: str = field(default="train", metadata={"help": "training split"})
-    levels: str = field(default="5", metadata={"help": "difficulty levels trained on: '5', '3-5', '1,3' or 'all'"})
+    levels: str = field(default="", metadata={"help": "difficulty levels trained on: '5', '3-5', '1,3' or 'all' (default: 5, the paper's; all for data without levels, e.g. GSM8K)"})
     train_limit: int = field(default=0, metadata={"help": "train on at most this many questions (0: all)"})
     # ExPO: the positive sample of each question
     sft_source: Literal["explanation", "expert", "none"] = field(default="explanation", metadata={"help": "positive sample: explanation = self-explanation (ExP-GRPO), expert = dataset solution (GRPO SFT-GT-CoT), none = plain GRPO"})
@@ -91,6 +91,7 @@ class Args:
     epochs: int = field(default=3, metadata={"help": "passes over the training questions"})
     max_steps: int = field(default=0, metadata={"help": "stop after this many steps (0: epochs x questions / batch_size)"})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute activations in backward (less memory)"})
+    bf16: Optional[bool] = field(default=None, metadata={"help": "compute in bf16 from fp32 master weights, gradients reduced in fp32 (default: on GPU, not on CPU)"})
     max_bad_steps: int = field(default=10, metadata={"help": "stop (with a checkpoint of the last good state) after this many steps in a row with a non-finite loss or gradient"})
     hybrid_shard: bool = field(default=False, metadata={"help": "multi-node: shard within each node, replicate across nodes (HSDP); default: shard across all ranks"})
     seed: int = field(default=0, metadata={"help": "seed of data order and sampling"})
@@ -314,6 +315,7 @@ def train_on_rollouts(model, ref_model, optimizer, scheduler, rollouts: dict, ar
     """
     device = next(model.parameters()).device
     world_size = dist.get_world_size() if dist.is_initialized() else 1
+    model.train()  # whatever sampling or evaluation left: activation checkpointing recomputes only in training mode
     # Normalisers of the global batch (all ranks, all sequences), so the gradient does not depend on the split.
     lens, in_pg, in_sft = [len(c) for c in rollouts["completion_ids"]], rollouts["in_pg"], rollouts["in_sft"]
     norm = all_reduce_dict({"seqs": sum(float(pg and n > 0) for n, pg in zip(lens, in_pg)),
@@ -444,12 +446,18 @@ def probe_positive_signal(model, encode, question_ids, rows, explanations, cot_t
 
 
 def load_explanations(path: str, tokenizer) -> dict[str, dict]:
-    """question -> {"explanation", "completion_ids" (tokenised once, + EOS), "verified" (None: check at use)}."""
+    """question -> {"explanation", "completion_ids", "verified" (None: check at use)}.
+
+    A record written by this script keeps the ids that were sampled (EOS only if it was sampled); a record
+    with text only (an explanation set from elsewhere, a complete answer) is tokenised once, plus EOS.
+    """
     with open(path) as f:
         records = [json.loads(line) for line in f if line.strip()]
-    ids = tokenizer([r["explanation"] for r in records], add_special_tokens=False)["input_ids"] if records else []
-    return {r["question"]: {"explanation": r["explanation"], "completion_ids": i + [tokenizer.eos_token_id],
-                            "verified": r.get("verified")} for r, i in zip(records, ids)}
+    texts = [r for r in records if "completion_ids" not in r]
+    ids = iter(tokenizer([r["explanation"] for r in texts], add_special_tokens=False)["input_ids"] if texts else [])
+    return {r["question"]: {"explanation": r["explanation"], "verified": r.get("verified"),
+                            "completion_ids": r["completion_ids"] if "completion_ids" in r
+                            else next(ids) + [tokenizer.eos_token_id]} for r in records}
 
 
 def run_eval(model, tokenizer, rows: list[dict], args: Args) -> dict:
@@ -471,7 +479,8 @@ if __name__ == "__main__":
     seed_everything(args.seed, rank)
     try:  # the data before any model: a bad file fails in seconds, with one line
         rows, data_stats = load_problems(args.dataset, split=args.split, config=args.dataset_config,
-                                         levels=parse_levels(args.levels), limit=args.train_limit or None, seed=args.seed)
+                                         levels=parse_levels(args.levels or "5"), limit=args.train_limit or None,
+                                         seed=args.seed, levels_flag=f"--levels {args.levels}" if args.levels else None)
         if len(rows) < args.batch_size:
             raise ValueError(f"{len(rows)} training questions ({dict(data_stats)}) cannot fill --batch_size {args.batch_size}")
         eval_rows = []
@@ -497,12 +506,17 @@ if __name__ == "__main__":
     print0(f"data: {len(rows)} questions from {args.dataset} ({dict(data_stats)})")  # rows skipped, and why
 
     # ---- models, optimizer, schedule, resume
-    tokenizer = load_tokenizer(args.model)
+    try:
+        tokenizer = load_tokenizer(args.model)
+        policy = load_model(args.model, device, args.gradient_checkpointing)
+        ref_model = load_model(args.model, device, trainable=False) if args.beta > 0 else None
+    except LoadError as e:
+        raise SystemExit(f"expo_grpo.py: error: {e}")
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     encode = lru_cache(maxsize=None)(lambda text: tuple(tokenizer(text, add_special_tokens=False)["input_ids"]))
     mesh = device_mesh(device, hybrid=args.hybrid_shard)
-    model = shard_model(load_model(args.model, device, args.gradient_checkpointing), device, mesh)
-    ref_model = shard_model(load_model(args.model, device), device, mesh, trainable=False) if args.beta > 0 else None
+    model = shard_model(policy, device, mesh, bf16=args.bf16)
+    ref_model = shard_model(ref_model, device, mesh, trainable=False, bf16=args.bf16) if ref_model is not None else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = cosine_schedule(optimizer, total_steps * args.num_iterations, args.warmup_ratio)
     start_step, skipped_steps, bad_in_a_row = 0, 0, 0
@@ -527,7 +541,8 @@ if __name__ == "__main__":
                 mine = used[rank::world_size]
                 explained = self_explanations(model, tokenizer, mine, args)
                 records = [{"question": r["question"], "answer": r["answer"], "explanation": e["explanation"],
-                            "verified": e["verified"]} for r, e in zip(mine, explained)]
+                            "completion_ids": e["completion_ids"], "verified": e["verified"]}
+                           for r, e in zip(mine, explained)]
                 records = [rec for part in gather_objects(records) for rec in part]
                 if rank == 0:
                     with open(path, "w") as f:

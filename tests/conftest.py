@@ -44,3 +44,42 @@ def tiny(tiny_path):
     import common
 
     return common.load_model("tiny", common.torch.device("cpu")), common.load_tokenizer("tiny")
+
+
+@pytest.fixture(scope="session")
+def hub_path(tmp_path_factory):
+    """A directory shaped like Qwen/Qwen2.5-3B-Instruct on the hub, scaled down (tests/hub_fixture.py)."""
+    from hub_fixture import build_hub_model
+
+    return build_hub_model(str(tmp_path_factory.mktemp("hub") / "Qwen2.5-Instruct-like"))
+
+
+def read_jsonl(path) -> list[dict]:
+    import json
+
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_jsonl(path, rows) -> str:
+    import json
+
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return str(path)
+
+
+def math_rows(n: int = 16, seed: int = 0) -> list[dict]:
+    """Rows in the MATH file format (problem, solution with the answer in \\boxed{}, level "Level k", type)."""
+    import common
+
+    return [{"problem": r["question"], "solution": r["solution"], "level": f"Level {r['level']}", "type": "Algebra"}
+            for r in common.synthetic_problems(n, seed=seed, levels=[5])]
+
+
+def gsm8k_rows(n: int = 16, seed: int = 0) -> list[dict]:
+    """Rows in the GSM8K file format (question, answer = rationale with <<calc>> notes and `#### N`), no levels."""
+    import common
+
+    return [{"question": r["question"], "answer": r["solution"].replace("\\boxed{", "<<x>>").rstrip("}.")
+             .replace("The answer is <<x>>", "#### ")} for r in common.synthetic_problems(n, seed=seed, levels=[1])]

@@ -5,6 +5,7 @@ runs (offline with resume, online with --regen_every 1) on the tiny model."""
 import json
 import math
 import os
+import shutil
 import textwrap
 
 import numpy as np
@@ -108,12 +109,12 @@ class StubSampler:
 
     def __call__(self, prompts, n):
         self.calls.append((len(prompts), n))
-        out = []
+        texts = []
         for p in prompts:
             qid = next(q for q, row in ROWS.items() if row["question"] in p)
-            texts = EXPLANATIONS[qid] if "The correct final answer is" in p else COTS[qid]
-            out += texts[:n]
-        return out
+            texts += (EXPLANATIONS[qid] if "The correct final answer is" in p else COTS[qid])[:n]
+        ids = [[7] * len(t) for t in texts]  # every scripted response ended with its (stand-in) EOS
+        return {"texts": texts, "completion_ids": ids, "eos": [True] * len(texts)}
 
 
 @pytest.fixture(scope="module")
@@ -165,8 +166,12 @@ def test_build_pairs_with_the_real_tiny_model_skips_unverified_explanations(tiny
     # random weights never write the gold \boxed{}: every question has a wrong CoT, no explanation verifies
     model, _ = tiny
     rows = common.synthetic_problems(3, seed=5)
-    sampler = lambda prompts, n: common.sample(model, tokenizer, prompts, n=n, max_new_tokens=8)["texts"]  # noqa: E731
+    sampler = lambda prompts, n: common.sample(model, tokenizer, prompts, n=n, max_new_tokens=8)  # noqa: E731
+    # 8 new tokens: every wrong CoT is cut, so by default no question gets as far as an explanation
     pairs, stats = expo_dpo.build_pairs(list(enumerate(rows)), tokenizer, sampler, "explanation", 2, 1)
+    assert pairs == [] and stats["truncated"] == 3 and stats["explained"] == 0
+    pairs, stats = expo_dpo.build_pairs(list(enumerate(rows)), tokenizer, sampler, "explanation", 2, 1,
+                                        rejected_truncated="keep")
     assert pairs == []
     assert stats["questions"] == 3 and stats["unverified"] == 3 and stats["explained"] == 3
     assert stats["explanations_verified"] == 0 and stats["all_correct"] == 0
@@ -175,6 +180,8 @@ def test_build_pairs_with_the_real_tiny_model_skips_unverified_explanations(tiny
 def test_sequence_logps_is_the_sum_over_response_tokens_under_the_question_prompt(tiny, tokenizer):
     model, _ = tiny
     pair = {"question": "What is 3 + 4?", "chosen": "It is \\boxed{7}", "rejected": "\\boxed{9}"}
+    for side in ("chosen", "rejected"):  # as sampled: both ended with EOS
+        pair[f"{side}_ids"] = tokenizer(pair[side], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     chosen, rejected, _ = expo_dpo.sequence_logps(model, tokenizer, [pair], torch.device("cpu"))
     # independent: full causal-LM log-softmax over prompt + response + EOS, summed over the response part
     prompt = tokenizer(common.question_prompt(tokenizer, pair["question"]), add_special_tokens=False)["input_ids"]
@@ -251,8 +258,8 @@ GRAD_SCRIPT = textwrap.dedent("""
     import common, expo_dpo
     info = common.init_distributed()
     tok = common.load_tokenizer("tiny")
-    pairs = [{"qid": i, "question": f"What is {i} + {i}?", "chosen": f"{i} + {i} = {2 * i}, \\\\boxed{{{2 * i}}}",
-              "rejected": "x" * (i + 1), "ref_chosen_logp": -60.0 - 7 * i, "ref_rejected_logp": -40.0 + 3 * i}
+    pairs = [{"qid": i, "question": f"What is {i} + {i}?", "chosen_ids": list(range(10, 20 + 3 * i)),
+              "rejected_ids": list(range(30, 32 + i)), "ref_chosen_logp": -60.0 - 7 * i, "ref_rejected_logp": -40.0 + 3 * i}
              for i in range(5)]
     sharded = common.shard_model(common.load_model("tiny", info.device), info.device)
     single = common.load_model("tiny", info.device)  # one process holding every pair
@@ -290,7 +297,7 @@ def test_two_ranks_give_the_gradient_of_one_rank(tmp_path, tiny_path):
 
 TINY = ["--model", "tiny", "--dataset", "synthetic", "--limit", "12", "--batch_size", "4", "--micro_batch_size", "2",
         "--num_samples", "2", "--max_new_tokens", "16", "--gen_batch_size", "8", "--lr", "1e-4", "--save_every", "1",
-        "--no_gradient_checkpointing"]
+        "--no_gradient_checkpointing", "--rejected_truncated", "keep"]  # random weights never end a response
 
 
 def read_jsonl(path):
@@ -307,12 +314,16 @@ def assert_finite(rows):
 
 def test_offline_run_checkpoint_and_resume(tmp_path, tiny_path):
     out = str(tmp_path / "offline")
-    args = TINY + ["--chosen", "expert", "--regen_every", "0", "--output_dir", out]
-    run_torchrun("expo_dpo.py", args + ["--max_steps", "2"])
-    rows = read_jsonl(os.path.join(out, "metrics.jsonl"))
+    args = TINY + ["--chosen", "expert", "--regen_every", "0", "--output_dir", out, "--save_total_limit", "4"]
+    run_torchrun("expo_dpo.py", args + ["--max_steps", "4"])
+    # the run is cut after step 2: its later checkpoints are gone
+    for step in (3, 4):
+        shutil.rmtree(os.path.join(out, f"checkpoint-{step}"))
+    rows = read_jsonl(os.path.join(out, "metrics.jsonl"))[:2]
     assert [r["step"] for r in rows] == [1, 2]
     assert_finite(rows)
-    # synthetic levels 1-5 in 12 questions, random weights: every CoT wrong, every solution present
+    # synthetic levels 1-5 in 12 questions (3 steps an epoch, so 4 steps use all 12), random weights: every CoT
+    # wrong, every solution present
     assert rows[0]["pairs/built"] == 12 and rows[0]["pairs/skipped"] == 0 and rows[0]["pairs/rounds_built"] == 1
     assert "pairs/built" not in rows[1]  # offline: built once
     assert rows[0]["pairs/in_step"] == 4
@@ -343,6 +354,8 @@ def test_offline_run_checkpoint_and_resume(tmp_path, tiny_path):
     assert "non-finite loss or gradient, step skipped" in proc.stdout
     assert rows[2]["nonfinite_steps"] == 0 and rows[3]["nonfinite_steps"] == 1
     assert os.path.exists(os.path.join(out, "checkpoint-4"))
+    proc = run_torchrun("expo_dpo.py", args + ["--max_steps", "6", "--resume"], check=False)
+    assert proc.returncode != 0 and "resume with --max_steps 4" in proc.stderr
 
 
 def test_online_run_rebuilds_pairs_every_step(tmp_path, tiny_path):
