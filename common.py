@@ -141,79 +141,26 @@ def broadcast_object(obj, src: int = 0):
 
 CACHE_DIR = os.environ.get("EXPO_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "expo"))
 
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+# Models and data sets built in code rather than read from disk or a hub (toy.py registers `tiny`, `toy`,
+# `synthetic` and `addition`): the plumbing looks names up here and names none of them itself.
+BUILT_MODELS: dict = {}  # name -> build() -> local directory (built once, cached)
+BUILT_DATASETS: dict = {}  # name -> rows(n, split, levels) -> [{question, answer, solution, level, subject}]
+STEP_CHECKERS: dict = {}  # dataset name -> check(question, completion) -> bool, an answer-free check of each step
+
+
+def register_model(name: str, build) -> None:
+    BUILT_MODELS[name] = build
+
+
+def register_dataset(name: str, rows, step_checker=None) -> None:
+    BUILT_DATASETS[name] = rows
+    if step_checker is not None:
+        STEP_CHECKERS[name] = step_checker
 
 
 def resolve_model_path(name: str) -> str:
-    """`tiny` / `toy` -> the cached tiny / toy model directory (built on first use); anything else as is."""
-    if name == "tiny":
-        return build_tiny_model()
-    if name == "toy":
-        return build_toy_model()
-    return name
-
-
-def small_qwen2(tokenizer, num_layers: int, num_kv_heads: int, max_positions: int):
-    """A width-64 Qwen2 with random weights over `tokenizer`'s vocabulary, its EOS and pad wired into generation."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
-        num_attention_heads=4, num_key_value_heads=num_kv_heads, max_position_embeddings=max_positions,
-        tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None,
-    )
-    model = Qwen2ForCausalLM(config)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.bos_token_id = None
-    return model
-
-
-def build_tiny_model(path: str | None = None, seed: int = 0) -> str:
-    """Build (once) a small Qwen2-architecture causal LM with random weights and its own BPE tokenizer.
-
-    Nothing is downloaded: the byte-level BPE tokenizer is trained on text generated here (synthetic
-    problems, their solutions, both prompts), so the CPU demo and the tests run offline. The directory is
-    written to a temporary name and renamed, so concurrent builders (several ranks) never see half a model.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    path = path or os.path.join(CACHE_DIR, f"tiny-v1-seed{seed}")
-    if os.path.exists(os.path.join(path, "config.json")):
-        return path
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    corpus = []
-    for row in synthetic_problems(2000, seed=seed):
-        corpus += [row["question"], row["solution"], SYSTEM_PROMPT, EXPLAIN_SENTENCE.format(answer=row["answer"])]
-    corpus.append(r"\frac{1}{2} \sqrt{3} \pi \dfrac{a}{b} x^2 + y^2 = z^2 (1, 2) [0, \infty)")
-    trainer = trainers.BpeTrainer(
-        vocab_size=1024, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(corpus, trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None
-    )
-    tokenizer.chat_template = CHAT_TEMPLATE
-    torch.manual_seed(seed)
-    model = small_qwen2(tokenizer, num_layers=2, num_kv_heads=2, max_positions=2048)
-    tmp = f"{path}.tmp{os.getpid()}"
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    try:
-        os.replace(tmp, path)
-    except OSError:  # another process finished first: its copy is identical
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    """A built model's name -> its cached directory (built on first use); a hub id or directory as is."""
+    return BUILT_MODELS[name]() if name in BUILT_MODELS else name
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -221,24 +168,24 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 def check_model_name(name: str) -> None:
     """Fail fast, before anything is loaded, on a model that can be neither built, read nor downloaded."""
-    if name in ("tiny", "toy"):
+    if name in BUILT_MODELS:
         return
     if os.path.isdir(name):
         if not os.path.exists(os.path.join(name, "config.json")):
             raise ValueError(f"model directory {name!r} has no config.json (expected an exported HF directory)")
         return
     if not _HUB_ID.match(name):  # a path that does not exist, or not of the form org/name
-        raise ValueError(f"model {name!r} is neither a local directory, `tiny`, `toy`, nor a hub id like "
-                         "Qwen/Qwen2.5-3B-Instruct")
+        raise ValueError(f"model {name!r} is neither a local directory, a built-in model ({', '.join(BUILT_MODELS)}), "
+                         "nor a hub id like Qwen/Qwen2.5-3B-Instruct")
 
 
 def check_dataset_name(source: str) -> None:
-    """Same for a dataset: `synthetic`, `addition`, an existing .jsonl/.json/.parquet file, or a hub id."""
-    if source in ("synthetic", "addition") or os.path.isfile(source):
+    """Same for a dataset: a built-in one, an existing .jsonl/.json/.parquet file, or a hub id."""
+    if source in BUILT_DATASETS or os.path.isfile(source):
         return
     if source.endswith((".jsonl", ".json", ".parquet")) or os.path.exists(source) or not _HUB_ID.match(source):
-        raise ValueError(f"dataset {source!r} is neither `synthetic`, `addition`, a readable .jsonl/.json/.parquet "
-                         "file, nor a hub id")
+        raise ValueError(f"dataset {source!r} is neither a built-in one ({', '.join(BUILT_DATASETS)}), a readable "
+                         ".jsonl/.json/.parquet file, nor a hub id")
 
 
 def check_output_dir(path: str) -> None:
@@ -269,8 +216,8 @@ def load_tokenizer(name: str):
     config = os.path.join(path, "tokenizer_config.json")
     own = os.path.exists(config) and json.load(open(config)).get("tokenizer_class") in (
         "TokenizersBackend", "PreTrainedTokenizerFast")
-    # AutoTokenizer picks the class from the model type (qwen2) and would swap the pre-tokenizer of the tiny
-    # and toy tokenizers for Qwen's, which drops the toy's spaces: load those exactly as they were saved
+    # AutoTokenizer picks the class from the model type (qwen2) and would swap the pre-tokenizer of a tokenizer
+    # built in code (toy.py's) for Qwen's, which drops the toy's spaces: load those exactly as they were saved
     try:
         tokenizer = (PreTrainedTokenizerFast if own else AutoTokenizer).from_pretrained(path)
     except (OSError, ValueError) as e:
@@ -292,7 +239,7 @@ def attention_implementation(device: torch.device) -> str:
 
 def load_model(name: str, device: torch.device, gradient_checkpointing: bool = False, attn: str | None = None,
                trainable: bool = True):
-    """Causal LM from a hub id, a local directory or `tiny`, with fp32 master weights, in training mode.
+    """Causal LM from a hub id, a local directory or a built-in name, with fp32 master weights, in training mode.
 
     Weights stay fp32 here: FSDP's MixedPrecisionPolicy casts to bf16 for compute, while the optimizer updates
     fp32 copies (tiny updates at lr 3e-6 vanish in bf16). `model.checkpoint_dtype` remembers the dtype the
@@ -383,6 +330,160 @@ def gathered_params(model):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------
+
+def _read_local(path: str, stats: Counter) -> list[dict]:
+    if path.endswith(".jsonl"):
+        rows = []
+        with open(path) as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    if not isinstance(row, dict):
+                        raise ValueError
+                    rows.append(row)
+                except ValueError:
+                    stats["malformed_lines"] += 1
+        return rows
+    if path.endswith(".json"):
+        with open(path) as f:
+            data = json.load(f)
+        data = data if isinstance(data, list) else data.get("data", data.get("rows", []))
+        stats["malformed_lines"] += sum(not isinstance(r, dict) for r in data)
+        return [r for r in data if isinstance(r, dict)]
+    if path.endswith(".parquet"):
+        import pandas as pd
+
+        return pd.read_parquet(path).to_dict("records")
+    raise ValueError(f"unsupported file type {path!r}: use .jsonl, .json or .parquet")
+
+
+def _parse_level(v) -> int | None:
+    if v is None:
+        return None
+    m = re.search(r"\d+", str(v))
+    return int(m.group(0)) if m else None
+
+
+def normalize_row(row: dict) -> dict | None:
+    """Map a MATH / MATH500 / GSM8K style row to {question, answer, solution, level, subject}.
+
+    Returns None when the row has no question or no usable answer (empty, or unbalanced braces; the caller
+    counts it).
+    """
+    question = row.get("problem", row.get("question"))
+    solution = row.get("solution")
+    answer = row.get("answer")
+    if solution is None and isinstance(answer, str) and "####" in answer:  # GSM8K: rationale + '#### N'
+        solution, answer = answer, gsm8k_answer(answer)
+        solution = re.sub(r"<<[^>]*>>", "", solution.split("####")[0]).strip() + f"\nThe answer is \\boxed{{{answer}}}."
+    if answer is None or str(answer).strip() == "":
+        answer = extract_boxed(solution)
+    if not isinstance(question, str) or not question.strip() or answer is None or not str(answer).strip():
+        return None
+    if str(answer).count("{") != str(answer).count("}"):  # cut or garbled: no completion could match it
+        return None
+    return {
+        "question": question.strip(),
+        "answer": str(answer).strip(),
+        "solution": solution if isinstance(solution, str) else None,
+        "level": _parse_level(row.get("level")),
+        "subject": row.get("type", row.get("subject")),
+    }
+
+
+def check_columns(columns, source: str) -> None:
+    """Fail before any model is loaded if the data has no question column or no answer column."""
+    columns = set(columns)
+    if not columns & {"problem", "question"} or not columns & {"solution", "answer"}:
+        raise ValueError(
+            f"dataset {source!r} needs a question column (problem|question) and an answer column "
+            f"(solution|answer); found columns: {sorted(columns)}"
+        )
+
+
+def load_problems(source: str, split: str = "train", config: str | None = None, levels=None,
+                  limit: int | None = None, seed: int = 0, synthetic_size: int = 2000,
+                  levels_flag: str | None = None) -> tuple[list[dict], Counter]:
+    """Rows {question, answer, solution, level, subject} and a Counter of what was skipped and why.
+
+    `source`: a built-in data set (`register_dataset`: `synthetic_size` rows), a local .jsonl/.json/.parquet file,
+    or a hub dataset id (with `split`, `config`). Rows are shuffled deterministically by `seed`, then filtered
+    by `levels`, then cut to `limit`.
+    Data with no level at all (GSM8K) is a ValueError naming `levels_flag` when `levels` keeps nothing, or, with
+    `levels_flag` None (the caller's default levels, not the user's), is kept whole (counted as `no_levels`).
+    """
+    stats: Counter = Counter()
+    if source in BUILT_DATASETS:
+        raw = BUILT_DATASETS[source](synthetic_size, split, levels)
+    elif os.path.isfile(source):
+        raw = _read_local(source, stats)
+    elif os.path.exists(source) or source.endswith((".jsonl", ".json", ".parquet")):
+        raise FileNotFoundError(f"dataset file {source!r} not found")
+    else:
+        import datasets
+
+        raw = list(datasets.load_dataset(source, config, split=split))
+    if raw:
+        check_columns(set().union(*(r.keys() for r in raw[:100])), source)
+    rows = [normalize_row(r) for r in raw]
+    if levels and not any(row and row["level"] is not None for row in rows):
+        if levels_flag is not None:
+            raise ValueError(f"dataset {source!r} has no difficulty levels (no `level` column), so {levels_flag} "
+                             f"keeps none of its {len(rows)} rows: drop that flag or pass it as `all`")
+        levels, stats["no_levels"] = None, len(rows)
+    kept = []
+    for r, row in zip(raw, rows):
+        if row is None:
+            question = r.get("problem", r.get("question"))
+            stats["no_question" if not isinstance(question, str) or not question.strip() else "no_answer"] += 1
+        elif levels and row["level"] not in levels:
+            stats["other_level"] += 1
+        else:
+            kept.append(row)
+    rows = kept
+    random.Random(seed).shuffle(rows)
+    if limit:
+        rows = rows[:limit]
+    stats["kept"] = len(rows)
+    return rows, stats
+
+
+def parse_levels(text: str | None) -> list[int] | None:
+    """'5' -> [5]; '3-5' -> [3, 4, 5]; '1,3' -> [1, 3]; '' or 'all' -> None."""
+    if not text or text == "all":
+        return None
+    out = []
+    for part in str(text).split(","):
+        a, _, b = part.partition("-")
+        out += list(range(int(a), int(b or a) + 1))
+    return out
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """Deterministic permutation of range(n) for an epoch: resuming recomputes it, nothing is stored."""
+    order = list(range(n))
+    random.Random(seed * 100003 + epoch).shuffle(order)
+    return order
+
+
+def global_batch(rows: list, step: int, batch_size: int, seed: int) -> list:
+    """The rows of optimizer step `step` (counted from 1) for all ranks together; epochs wrap around.
+
+    Each rank then takes `batch[rank::world_size]`, so the data position is a function of the step alone.
+    """
+    per_epoch = len(rows) // batch_size
+    if per_epoch == 0:
+        raise ValueError(f"{len(rows)} rows cannot fill one batch of {batch_size}")
+    epoch, i = divmod(step - 1, per_epoch)
+    order = epoch_order(len(rows), seed, epoch)
+    return [rows[j] for j in order[i * batch_size : (i + 1) * batch_size]]
+
+
+# ----------------------------------------------------------------------------------------------------
 # Prompts
 # ----------------------------------------------------------------------------------------------------
 
@@ -407,6 +508,277 @@ def question_prompt(tokenizer, question: str) -> str:
 def explanation_prompt(tokenizer, question: str, answer: str) -> str:
     """The question followed by the answer sentence: the only difference from `question_prompt`."""
     return _chat_prompt(tokenizer, question + "\n\n" + EXPLAIN_SENTENCE.format(answer=answer))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sampling
+# ----------------------------------------------------------------------------------------------------
+
+
+def progress(iterable, desc: str, total: int | None = None, every: float = 30.0):
+    """Yield from `iterable` and report how far it is, on rank 0 only: tqdm when stderr is a terminal, else
+    (a log file, CI) one line `desc: done/total, rate/s, eta` at most every `every` seconds, so a long phase
+    (offline explanations, DPO pairs, evaluation) never looks like a hang."""
+    if dist.is_initialized() and dist.get_rank() != 0:
+        yield from iterable
+        return
+    total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        yield from tqdm(iterable, desc=desc, total=total, leave=False)
+        return
+    start = last = time.perf_counter()
+    for done, item in enumerate(iterable, start=1):
+        yield item
+        now = time.perf_counter()
+        if now - last >= every:
+            last, rate = now, done / (now - start)
+            eta = f", eta {(total - done) / rate:.0f}s" if total else ""
+            print(f"{desc}: {done}/{total if total else '?'}, {rate:.2f}/s{eta}", flush=True)
+
+
+def end_token_ids(model, tokenizer) -> list[int]:
+    """Every end token the checkpoint declares: the tokenizer's eos_token_id, then the model's
+    generation_config.eos_token_id (an int or a list). Qwen2.5-Instruct: [151645 <|im_end|>,
+    151643 <|endoftext|>], the second also its pad token."""
+    ids: list[int] = []
+    gen_cfg = getattr(model, "generation_config", None)
+    for v in (tokenizer.eos_token_id, getattr(gen_cfg, "eos_token_id", None)):
+        for i in v if isinstance(v, (list, tuple)) else [v]:
+            if i is not None and int(i) not in ids:
+                ids.append(int(i))
+    return ids
+
+
+def next_tokens(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """One token per row of `logits` (R, V): argmax at temperature 0, else a draw from softmax(logits / T),
+    restricted to the nucleus when top_p < 1 (the smallest set of most likely tokens whose mass is >= top_p,
+    renormalised). Nothing else: no top-k, no penalties, whatever a generation_config says."""
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, idx = probs.sort(dim=-1, descending=True)
+        mass_before = sorted_p.cumsum(-1) - sorted_p  # a token is kept while the mass before it is < top_p
+        drop = mass_before >= top_p
+        drop[..., 0] = False  # the most likely token always stays (top_p <= 0 is greedy sampling's limit)
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return torch.multinomial(probs, 1).squeeze(-1)
+
+
+def _cache_layers(cache) -> list:
+    from transformers.cache_utils import DynamicLayer
+
+    layers = cache.layers
+    if any(type(layer) is not DynamicLayer for layer in layers):  # sliding-window layers keep more state
+        raise NotImplementedError(f"sample() supports full-attention caches only, got {set(map(type, layers))}")
+    return layers
+
+
+def _left_pad_cache(cache, width: int) -> None:
+    """Grow every layer's keys/values (B, H, L, D) to length `width` with zero columns on the left."""
+    for layer in _cache_layers(cache):
+        extra = width - layer.keys.shape[-2]
+        if extra > 0:
+            layer.keys = F.pad(layer.keys, (0, 0, extra, 0))
+            layer.values = F.pad(layer.values, (0, 0, extra, 0))
+
+
+class _Batch:
+    """The rows being decoded: their KV cache (one DynamicCache, left-padded to a common length), attention
+    mask (R, L), the position id of the next token (R,), the last sampled token (R,), tokens generated so far
+    (R,), and the job and generated ids of each row."""
+
+    def __init__(self, cache, mask, pos, last, jobs, gen):
+        self.cache, self.mask, self.pos, self.last, self.jobs, self.gen = cache, mask, pos, last, jobs, gen
+        self.ngen = torch.tensor([len(g) for g in gen], dtype=torch.long, device=mask.device)
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def keep(self, rows: list[int]) -> None:
+        """Drop every row not in `rows` (ended ones), then the leading columns no kept row attends to."""
+        idx = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
+        mask = self.mask.index_select(0, idx)
+        start = int(mask.any(0).long().argmax()) if rows else 0  # first column some row still uses
+        self.mask = mask[:, start:]
+        for layer in _cache_layers(self.cache):
+            layer.keys = layer.keys.index_select(0, idx)[:, :, start:]
+            layer.values = layer.values.index_select(0, idx)[:, :, start:]
+        self.pos, self.last, self.ngen = self.pos[idx], self.last[idx], self.ngen[idx]
+        self.jobs = [self.jobs[r] for r in rows]
+        self.gen = [self.gen[r] for r in rows]
+
+    def extend(self, other: _Batch) -> None:
+        """Append the rows of `other`; both caches are left-padded to the longer of the two first."""
+        if not len(self):
+            self.__dict__.update(other.__dict__)
+            return
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        for b in (self, other):
+            _left_pad_cache(b.cache, width)
+            b.mask = F.pad(b.mask, (width - b.mask.shape[1], 0))
+        for mine, theirs in zip(_cache_layers(self.cache), _cache_layers(other.cache)):
+            mine.keys = torch.cat([mine.keys, theirs.keys])
+            mine.values = torch.cat([mine.values, theirs.values])
+        self.mask = torch.cat([self.mask, other.mask])
+        self.pos, self.last = torch.cat([self.pos, other.pos]), torch.cat([self.last, other.last])
+        self.ngen = torch.cat([self.ngen, other.ngen])
+        self.jobs, self.gen = self.jobs + other.jobs, self.gen + other.gen
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompts: list[str], n: int | list[int] = 1, max_new_tokens: int = 512,
+           temperature: float = 1.0, top_p: float = 1.0, micro_batch_size: int = 16, min_new_tokens: int = 0,
+           stop_ids: list[int] | None = None, desc: str = "sampling") -> dict:
+    """n completions for each prompt (or n[i] for prompt i), decoded with the KV cache, at most
+    `micro_batch_size` rows at a time. A row leaves the batch as soon as it ends and a pending prompt takes
+    its slot (prefilled, then merged into the left-padded cache), so no token is decoded for an ended row and
+    the batch stays full while work remains.
+
+    Tokens are drawn by `next_tokens` (softmax(logits / T), top-p only when top_p < 1, argmax at T = 0) and by
+    nothing else: the loop is written here, so no logits processor of transformers (nor the checkpoint's
+    generation_config) can run. A completion ends at the first sampled id of `stop_ids` (default: every end
+    token the checkpoint declares, `end_token_ids`), which is kept; none may be sampled before
+    `min_new_tokens` tokens. Deterministic given torch's RNG state; no collective while decoding (under FSDP
+    the parameters are gathered once for the whole call), so ranks may get different numbers of prompts
+    (zero included) and generate different lengths.
+
+    Returns lists ordered prompt-major (the completions of prompt i are at i*n .. i*n+n-1):
+      prompt_ids[j]      token ids of the prompt of completion j (no padding)
+      completion_ids[j]  sampled ids, up to and including the first end token, nothing after it
+      texts[j]           decoded completion without special tokens
+      eos[j]             True if the completion ended by sampling an end token (False: cut at max_new_tokens)
+      stats              decoded_slots (rows x decode steps computed), useful_tokens (sum of completion lengths),
+                         pad_waste (1 - useful / decoded: slots spent on rows already ended), seconds, forwards,
+                         prefill_tokens (with padding), mean_rows (mean rows per forward), tokens_per_s
+    """
+    t0 = time.perf_counter()
+    device = next(model.parameters()).device
+    stop_ids = end_token_ids(model, tokenizer) if stop_ids is None else [int(i) for i in stop_ids]
+    stop_t = torch.tensor(stop_ids, dtype=torch.long, device=device)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop_ids or [0])[0]
+    # a rank with no prompts still joins the FSDP all-gather below, so an empty list must work
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"] if prompts else []
+    counts = n if isinstance(n, list) else [n] * len(prompts)
+    jobs = [i for i, k in enumerate(counts) for _ in range(k)]
+    # prompts of similar lengths share the batch: less left padding
+    pending = sorted(range(len(jobs)), key=lambda j: len(prompt_ids[jobs[j]]))[::-1]  # pop() from the end
+    completions: list = [None] * len(jobs)
+    ended = [False] * len(jobs)
+    stats = dict(decoded_slots=0, forwards=0, prefill_tokens=0)
+    finished = [0]  # completions finished since the progress bar was last moved
+    batch_size = max(1, micro_batch_size)
+    # A refill costs one prefill forward, about one decode step (decoding is bound by reading the weights, on
+    # GPU and on CPU alike): refilling slot by slot would add a forward per completion, waiting for a quarter of
+    # the batch to be free costs a few idle slots instead. The last prompts are taken whenever any slot is free.
+    refill_at = max(1, batch_size // 4)
+
+    def forward(ids, mask, pos, cache):
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+                    logits_to_keep=1)
+        stats["forwards"] += 1
+        return out.logits[:, -1, :]
+
+    def choose(logits, ngen):
+        if min_new_tokens > 0 and len(stop_ids) and bool((ngen < min_new_tokens).any()):
+            is_stop = torch.zeros(logits.shape[-1], dtype=torch.bool, device=device)
+            is_stop[stop_t[stop_t < logits.shape[-1]]] = True
+            logits = logits.masked_fill((ngen < min_new_tokens)[:, None] & is_stop, float("-inf"))
+        tok = next_tokens(logits, temperature, top_p)
+        stats["decoded_slots"] += tok.shape[0]
+        return tok
+
+    def settle(b: _Batch, tok: torch.Tensor) -> list[int]:
+        """Record the sampled tokens; finish the rows that ended; return the rows that go on."""
+        is_end = torch.isin(tok, stop_t).tolist()
+        keep = []
+        for r, t in enumerate(tok.tolist()):
+            b.gen[r].append(t)
+            if is_end[r] or len(b.gen[r]) >= max_new_tokens:
+                completions[b.jobs[r]], ended[b.jobs[r]] = b.gen[r], bool(is_end[r])
+                finished[0] += 1
+            else:
+                keep.append(r)
+        return keep
+
+    def prefill(take: list[int]) -> _Batch:
+        batch = [prompt_ids[jobs[j]] for j in take]
+        width = max(len(p) for p in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for r, p in enumerate(batch):
+            ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[r, width - len(p):] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # rotary positions count from each row's first real token
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=model.config)
+        logits = forward(ids, mask, pos, cache)
+        stats["prefill_tokens"] += ids.numel()
+        b = _Batch(cache, mask, mask.sum(-1), ids[:, -1], list(take), [[] for _ in take])
+        tok = choose(logits, b.ngen)
+        b.last, b.ngen = tok, b.ngen + 1
+        keep = settle(b, tok)
+        if len(keep) < len(b):
+            b.keep(keep)
+        return b
+
+    was_training = model.training
+    model.eval()
+    ticks = iter(progress(range(len(jobs)), desc, total=len(jobs)))  # advanced once per finished completion
+    ctx = gathered_params(model) if fsdp_modules(model) else contextlib.nullcontext()
+    try:
+        with ctx:
+            if max_new_tokens <= 0:
+                for j in pending:
+                    completions[j] = []
+                pending = []
+            active = None  # the rows being decoded (a _Batch)
+            while pending or (active is not None and len(active)):
+                free = batch_size - (len(active) if active is not None else 0)
+                if pending and free >= min(refill_at, len(pending)):
+                    # slots are free: one prefill for all the pending prompts that fit, merged into the batch
+                    take = [pending.pop() for _ in range(min(free, len(pending)))]
+                    new = prefill(take)
+                    if active is None:
+                        active = new
+                    elif len(new):
+                        active.extend(new)
+                if len(active):
+                    mask = torch.cat([active.mask, active.mask.new_ones(len(active), 1)], dim=1)
+                    logits = forward(active.last[:, None], mask, active.pos[:, None], active.cache)
+                    active.mask, active.pos = mask, active.pos + 1
+                    tok = choose(logits, active.ngen)
+                    active.last, active.ngen = tok, active.ngen + 1
+                    keep = settle(active, tok)
+                    if len(keep) < len(active):
+                        active.keep(keep)
+                for _ in range(finished[0]):
+                    next(ticks, None)
+                finished[0] = 0
+        for _ in ticks:  # the rows that ended in a prefill; closes a tqdm bar
+            pass
+    finally:
+        model.train(was_training)
+    useful = sum(len(c) for c in completions)
+    seconds = time.perf_counter() - t0
+    stats.update(useful_tokens=useful, seconds=seconds,
+                 pad_waste=1.0 - useful / stats["decoded_slots"] if stats["decoded_slots"] else 0.0,
+                 mean_rows=stats["decoded_slots"] / stats["forwards"] if stats["forwards"] else 0.0,
+                 tokens_per_s=useful / seconds if seconds > 0 else 0.0)
+    return {
+        "prompt_ids": [prompt_ids[i] for i in jobs],
+        "completion_ids": completions,
+        "texts": tokenizer.batch_decode(completions, skip_special_tokens=True) if completions else [],
+        "eos": ended,
+        "stats": stats,
+    }
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -457,7 +829,6 @@ def gsm8k_answer(text: str | None) -> str | None:
     return ans or None
 
 
-VERIFY_STATS: Counter = Counter()  # calls, timeouts, errors, too_long, too_complex: logged by the training scripts
 
 _MAX_ANSWER_CHARS = 512  # longer "answers" are junk; parsing them is where sympy can take minutes
 _INTEGER = re.compile(r"-?\d{1,30}")
@@ -558,550 +929,51 @@ class _Verifier:
 _VERIFIER = _Verifier()
 
 
-def verify_answer(completion: str, gold: str, timeout: float = 5.0, exact_shortcut: bool = True) -> float:
-    """1.0 if the last `\\boxed{}` of `completion` equals `gold` by math-verify, else 0.0. Never raises.
+def check_answer(completion: str, gold: str, timeout: float = 5.0, exact_shortcut: bool = True) -> tuple[float, str | None]:
+    """(1.0 if the last `\\boxed{}` of `completion` equals `gold` by math-verify else 0.0, what went wrong).
 
-    Identical strings (spaces aside) are accepted without calling math-verify (`exact_shortcut`). Returns
-    within `timeout` seconds (plus the start of a verifier process after one was killed), in any thread.
+    What went wrong: None, or `too_long` / `too_complex` (an answer sympy could spend minutes on: 0 unless it
+    is the very string of the gold), `timeout`, `error`. Never raises. Identical strings (spaces aside) are
+    accepted without calling math-verify (`exact_shortcut`). Returns within `timeout` seconds (plus the
+    start of a verifier process after one was killed), in any thread.
 
-    >>> verify_answer(r"... so the answer is \\boxed{\\dfrac{1}{2}}", "0.5")
-    1.0
+    >>> check_answer(r"... so the answer is \\boxed{\\dfrac{1}{2}}", "0.5")
+    (1.0, None)
     """
-    VERIFY_STATS["calls"] += 1
     try:
         pred = extract_boxed(completion)
         if pred is None or not gold:
-            return 0.0
+            return 0.0, None
         if exact_shortcut:
             p, g = pred.replace(" ", ""), str(gold).replace(" ", "")
             if p == g:
-                return 1.0
+                return 1.0, None
             if _INTEGER.fullmatch(p) and _INTEGER.fullmatch(g):  # most wrong answers: no subprocess round trip
-                return float(int(p) == int(g))
+                return float(int(p) == int(g)), None
         if len(pred) > _MAX_ANSWER_CHARS:
-            VERIFY_STATS["too_long"] += 1
-            return 0.0
+            return 0.0, "too_long"
         if too_complex(pred):
-            VERIFY_STATS["too_complex"] += 1
-            return 0.0
+            return 0.0, "too_complex"
         score, err = _VERIFIER("\\boxed{" + str(gold) + "}", "\\boxed{" + pred + "}", timeout)
-        if err == "timeout" or err == "TimeoutException":
-            VERIFY_STATS["timeouts"] += 1
-        elif err:
-            VERIFY_STATS["errors"] += 1
-        return float(score)
+        return float(score), None if not err else "timeout" if err in ("timeout", "TimeoutException") else "error"
     except Exception:
-        VERIFY_STATS["errors"] += 1
-        return 0.0
+        return 0.0, "error"
 
 
-# ----------------------------------------------------------------------------------------------------
-# Data
-# ----------------------------------------------------------------------------------------------------
-
-_NAMES = ["Ava", "Ben", "Cleo", "Dan", "Eli", "Fay", "Gus", "Hana", "Ivo", "June"]
-_ITEMS = ["apples", "marbles", "books", "coins", "stickers", "pencils", "shells", "cards"]
+def verify_answer(completion: str, gold: str, timeout: float = 5.0, exact_shortcut: bool = True) -> float:
+    """`check_answer`'s score alone."""
+    return check_answer(completion, gold, timeout, exact_shortcut)[0]
 
 
-def synthetic_problems(n: int, seed: int = 0, levels=None) -> list[dict]:
-    """Arithmetic word problems of difficulty 1-5 with a worked solution ending in `\\boxed{}`.
-
-    Level L chains L operations on numbers that grow with L, so a tiny model solves level 1 long before
-    level 5: a stand-in for MATH's levels that needs no download.
-    """
-    rng = random.Random(seed)
-    rows = []
-    levels = list(levels or range(1, 6))
-    for i in range(n):
-        level = levels[i % len(levels)]
-        name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
-        total = rng.randint(2, 5 * 10 ** (level // 2 + 1))
-        q = [f"{name} has {total} {item}."]
-        steps = [f"{name} starts with {total} {item}."]
-        for _ in range(level):
-            op = rng.choice(["gets", "gives away", "doubles"] if total > 1 else ["gets"])
-            if op == "gets":
-                k = rng.randint(1, 10 ** (level // 2 + 1))
-                q.append(f"Then {name} gets {k} more.")
-                steps.append(f"After getting {k} more: {total} + {k} = {total + k}.")
-                total += k
-            elif op == "gives away":
-                k = rng.randint(1, total - 1)
-                q.append(f"Then {name} gives away {k}.")
-                steps.append(f"After giving away {k}: {total} - {k} = {total - k}.")
-                total -= k
-            else:
-                q.append(f"Then the number of {item} doubles.")
-                steps.append(f"After doubling: 2 * {total} = {2 * total}.")
-                total *= 2
-        q.append(f"How many {item} does {name} have now?")
-        steps.append(f"The answer is \\boxed{{{total}}}.")
-        rows.append({"question": " ".join(q), "answer": str(total), "solution": "\n".join(steps),
-                     "level": level, "subject": "Arithmetic"})
-    return rows
-
-
-def _read_local(path: str, stats: Counter) -> list[dict]:
-    if path.endswith(".jsonl"):
-        rows = []
-        with open(path) as f:
-            for line in f:
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                    if not isinstance(row, dict):
-                        raise ValueError
-                    rows.append(row)
-                except ValueError:
-                    stats["malformed_lines"] += 1
-        return rows
-    if path.endswith(".json"):
-        with open(path) as f:
-            data = json.load(f)
-        data = data if isinstance(data, list) else data.get("data", data.get("rows", []))
-        stats["malformed_lines"] += sum(not isinstance(r, dict) for r in data)
-        return [r for r in data if isinstance(r, dict)]
-    if path.endswith(".parquet"):
-        import pandas as pd
-
-        return pd.read_parquet(path).to_dict("records")
-    raise ValueError(f"unsupported file type {path!r}: use .jsonl, .json or .parquet")
-
-
-def _parse_level(v) -> int | None:
-    if v is None:
-        return None
-    m = re.search(r"\d+", str(v))
-    return int(m.group(0)) if m else None
-
-
-def normalize_row(row: dict) -> dict | None:
-    """Map a MATH / MATH500 / GSM8K style row to {question, answer, solution, level, subject}.
-
-    Returns None when the row has no question or no usable answer (empty, or unbalanced braces; the caller
-    counts it).
-    """
-    question = row.get("problem", row.get("question"))
-    solution = row.get("solution")
-    answer = row.get("answer")
-    if solution is None and isinstance(answer, str) and "####" in answer:  # GSM8K: rationale + '#### N'
-        solution, answer = answer, gsm8k_answer(answer)
-        solution = re.sub(r"<<[^>]*>>", "", solution.split("####")[0]).strip() + f"\nThe answer is \\boxed{{{answer}}}."
-    if answer is None or str(answer).strip() == "":
-        answer = extract_boxed(solution)
-    if not isinstance(question, str) or not question.strip() or answer is None or not str(answer).strip():
-        return None
-    if str(answer).count("{") != str(answer).count("}"):  # cut or garbled: no completion could match it
-        return None
-    return {
-        "question": question.strip(),
-        "answer": str(answer).strip(),
-        "solution": solution if isinstance(solution, str) else None,
-        "level": _parse_level(row.get("level")),
-        "subject": row.get("type", row.get("subject")),
-    }
-
-
-def check_columns(columns, source: str) -> None:
-    """Fail before any model is loaded if the data has no question column or no answer column."""
-    columns = set(columns)
-    if not columns & {"problem", "question"} or not columns & {"solution", "answer"}:
-        raise ValueError(
-            f"dataset {source!r} needs a question column (problem|question) and an answer column "
-            f"(solution|answer); found columns: {sorted(columns)}"
-        )
-
-
-def load_problems(source: str, split: str = "train", config: str | None = None, levels=None,
-                  limit: int | None = None, seed: int = 0, synthetic_size: int = 2000,
-                  levels_flag: str | None = None) -> tuple[list[dict], Counter]:
-    """Rows {question, answer, solution, level, subject} and a Counter of what was skipped and why.
-
-    `source`: `synthetic`, `addition` (the toy task, see "Toy world"), a local .jsonl/.json/.parquet file,
-    or a hub dataset id (with `split`, `config`). Rows are shuffled deterministically by `seed`, then filtered
-    by `levels`, then cut to `limit`.
-    Data with no level at all (GSM8K) is a ValueError naming `levels_flag` when `levels` keeps nothing, or, with
-    `levels_flag` None (the caller's default levels, not the user's), is kept whole (counted as `no_levels`).
-    """
-    stats: Counter = Counter()
-    if source == "synthetic":
-        # the train and test splits are different draws, so evaluation is held out
-        raw = synthetic_problems(synthetic_size, seed=1 if split == "train" else 2)
-    elif source == "addition":  # the toy task: `synthetic_size` rows at the requested levels (digit counts)
-        raw = addition_problems(synthetic_size, split, levels)
-    elif os.path.isfile(source):
-        raw = _read_local(source, stats)
-    elif os.path.exists(source) or source.endswith((".jsonl", ".json", ".parquet")):
-        raise FileNotFoundError(f"dataset file {source!r} not found")
-    else:
-        import datasets
-
-        raw = list(datasets.load_dataset(source, config, split=split))
-    if raw:
-        check_columns(set().union(*(r.keys() for r in raw[:100])), source)
-    rows = [normalize_row(r) for r in raw]
-    if levels and not any(row and row["level"] is not None for row in rows):
-        if levels_flag is not None:
-            raise ValueError(f"dataset {source!r} has no difficulty levels (no `level` column), so {levels_flag} "
-                             f"keeps none of its {len(rows)} rows: drop that flag or pass it as `all`")
-        levels, stats["no_levels"] = None, len(rows)
-    kept = []
-    for r, row in zip(raw, rows):
-        if row is None:
-            question = r.get("problem", r.get("question"))
-            stats["no_question" if not isinstance(question, str) or not question.strip() else "no_answer"] += 1
-        elif levels and row["level"] not in levels:
-            stats["other_level"] += 1
-        else:
-            kept.append(row)
-    rows = kept
-    random.Random(seed).shuffle(rows)
-    if limit:
-        rows = rows[:limit]
-    stats["kept"] = len(rows)
-    return rows, stats
-
-
-def parse_levels(text: str | None) -> list[int] | None:
-    """'5' -> [5]; '3-5' -> [3, 4, 5]; '1,3' -> [1, 3]; '' or 'all' -> None."""
-    if not text or text == "all":
-        return None
-    out = []
-    for part in str(text).split(","):
-        a, _, b = part.partition("-")
-        out += list(range(int(a), int(b or a) + 1))
-    return out
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """Deterministic permutation of range(n) for an epoch: resuming recomputes it, nothing is stored."""
-    order = list(range(n))
-    random.Random(seed * 100003 + epoch).shuffle(order)
-    return order
-
-
-def global_batch(rows: list, step: int, batch_size: int, seed: int) -> list:
-    """The rows of optimizer step `step` (0-based) for all ranks together; epochs wrap around.
-
-    Each rank then takes `batch[rank::world_size]`, so the data position is a function of the step alone.
-    """
-    per_epoch = len(rows) // batch_size
-    if per_epoch == 0:
-        raise ValueError(f"{len(rows)} rows cannot fill one batch of {batch_size}")
-    epoch, i = divmod(step, per_epoch)
-    order = epoch_order(len(rows), seed, epoch)
-    return [rows[j] for j in order[i * batch_size : (i + 1) * batch_size]]
-
-
-# ----------------------------------------------------------------------------------------------------
-# Toy world: n-digit addition and a small character-level model that learns it on a CPU in minutes
-# ----------------------------------------------------------------------------------------------------
-# `--dataset addition --model toy` reproduces ExPO's effect without a GPU (../shared/TOYLAB.md): the toy
-# base model solves 1-3 digit sums, solves no 5-6 digit ones, but explains those when given the answer.
-# Everything here goes through the same prompts, sampler and reward (`verify_answer`) as MATH does.
-
-TOY_ANSWER_WIDTH = 7  # a 6-digit sum has at most 7 digits
-TOY_EASY_LEVELS, TOY_HARD_LEVELS = (1, 2, 3), (5, 6)
-_TOY_CHARS = "0123456789+Q|?> \\boxed{}"
-_TOY_SPECIALS = ["<pad>", "<eos>", "<unk>"]
-_EXPLAIN_MARK = "\n\n" + EXPLAIN_SENTENCE.split("{answer}")[0]  # "\n\nThe correct final answer is "
-
-# The toy tokenizer's chat template: it drops the system message and renders the user message compactly,
-# `Q12345+67890|???????>` (question prompt) or `Q12345+67890|0080235>` (explanation prompt, the answer read
-# back out of EXPLAIN_SENTENCE). Both share one fixed-width answer slot, so the chain of thought sits at the
-# same positions under both prompts: in TOYLAB's prototype, without it even SFT on the true chain of
-# thought never solved a hard problem.
-TOY_CHAT_TEMPLATE = (
-    "{%- for m in messages if m['role'] == 'user' -%}"
-    "{%- set parts = m['content'].split(" + json.dumps(_EXPLAIN_MARK) + ") -%}"
-    "Q{{ parts[0] }}|"
-    "{%- if parts | length > 1 -%}{{ '%0" + str(TOY_ANSWER_WIDTH) + "d' | format(parts[1].split('.')[0] | int) }}"
-    "{%- else -%}" + "?" * TOY_ANSWER_WIDTH + "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}>{%- endif -%}"
-)
-
-
-def addition_solution(a: int, b: int) -> str:
-    """The chain of thought: one 4-character step per digit, right to left (digit of a, digit of b, carry
-    in, sum digit), then the answer boxed.
-
-    >>> addition_solution(12345, 67890)
-    '5005 4903 3812 2710 1618 \\\\boxed{80235}'
-    """
-    n = max(len(str(a)), len(str(b)))
-    da, db = str(a).zfill(n), str(b).zfill(n)
-    steps, carry = [], 0
-    for i in range(n - 1, -1, -1):
-        s = int(da[i]) + int(db[i]) + carry
-        steps.append(f"{da[i]}{db[i]}{carry}{s % 10}")
-        carry = s // 10
-    return " ".join(steps) + f" \\boxed{{{a + b}}}"
-
-
-def addition_problem(rng: random.Random, digits: int) -> dict:
-    """One row of the `addition` dataset: two `digits`-digit numbers (no leading zero; 0-9 for one digit)."""
-    lo = 10 ** (digits - 1) if digits > 1 else 0
-    a, b = rng.randint(lo, 10**digits - 1), rng.randint(lo, 10**digits - 1)
-    return {"question": f"{a}+{b}", "answer": str(a + b), "solution": addition_solution(a, b),
-            "level": digits, "subject": "Addition"}
-
-
-def addition_problems(n: int, split: str = "train", levels=None) -> list[dict]:
-    """n rows cycling over `levels` (default 1-6 digits). Each (split, level) is its own random stream,
-    so train and test are different draws and the level-5 rows of a smaller set are a prefix of a larger
-    one's. (Only 100 one-digit problems exist, so easy train and test rows overlap; hard ones practically
-    never do.)"""
-    levels = list(levels or range(1, 7))
-    if not all(1 <= lv <= 6 for lv in levels):
-        raise ValueError(f"addition levels are digit counts 1-6, got {levels}")
-    streams = {lv: random.Random(f"addition/{split}/{lv}") for lv in levels}
-    return [addition_problem(streams[levels[i % len(levels)]], levels[i % len(levels)]) for i in range(n)]
-
-
-def step_check(question: str, completion: str) -> bool:
-    """True iff every step of an addition chain of thought is right, and the boxed answer is what the steps
-    give. Answer-free: it reads the question only, never the gold answer, so an explanation that copies the
-    given answer after wrong steps fails. Malformed text fails.
-
-    >>> step_check("47+38", r"7805 4318 \\boxed{85}")
-    True
-    >>> step_check("47+38", r"7805 4307 \\boxed{85}")   # the second step drops the carry
-    False
-    """
-    m = re.fullmatch(r"(\d+)\+(\d+)", question.strip())
-    if not m:
-        return False
-    n = max(len(m.group(1)), len(m.group(2)))
-    da, db = m.group(1).zfill(n), m.group(2).zfill(n)
-    *steps, boxed = completion.strip().split(" ")
-    if len(steps) != n:
-        return False
-    carry, digits = 0, ""
-    for k, step in enumerate(steps):
-        i = n - 1 - k  # digits are read right to left
-        if not re.fullmatch(r"\d{4}", step) or step[:3] != f"{da[i]}{db[i]}{carry}":
-            return False
-        s = int(da[i]) + int(db[i]) + carry
-        if int(step[3]) != s % 10:
-            return False
-        digits, carry = step[3] + digits, s // 10
-    return boxed == f"\\boxed{{{int(str(carry) + digits)}}}"
-
-
-# datasets with an answer-free checker of a chain of thought (`--explanation_check steps`)
-STEP_CHECKERS = {"addition": step_check}
-
-
-def toy_tokenizer():
-    """Character-level tokenizer: one token per character of `_TOY_CHARS`, plus pad, eos and unk."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {t: i for i, t in enumerate(_TOY_SPECIALS + list(_TOY_CHARS))}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every character
-    tok.decoder = decoders.Fuse()  # join characters back without spaces
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>",
-                                        bos_token=None, clean_up_tokenization_spaces=False, model_max_length=96)
-    tokenizer.chat_template = TOY_CHAT_TEMPLATE
-    return tokenizer
-
-
-def build_toy_model(path: str | None = None, seed: int = 0, steps: int = 1000, batch_size: int = 128,
-                    lr: float = 2e-3, eval_size: int = 200, threads: int = 1, verbose: bool = True) -> str:
-    """Build (once) and cache the toy base model: a 3-layer Qwen2 over characters, trained on addition.
-
-    Stage 1 of TOYLAB: each batch is 80% easy problems (1-3 digits), half under the question prompt and half
-    under the explanation prompt, and 20% hard ones (5-6 digits) under the explanation prompt only; the
-    loss is on the completion (true chain of thought + answer + EOS) only. So the model learns the
-    procedure on easy problems and learns to explain hard ones given the answer, but never to solve them.
-    It then prints its three rates on held-out test problems (see `toy_rates`).
-
-    Deterministic: the same seed (and `threads`) gives identical weights; training always runs on CPU, on one
-    thread by default: on a busy 2-core machine two threads were 5-10x slower than one.
-    Ranks that call this together wait on a file lock while one builds; the directory appears by an
-    atomic rename, so no one ever reads half a model.
-    """
-    import fcntl
-
-    path = path or os.path.join(CACHE_DIR, f"toy-v1-seed{seed}-steps{steps}")
-    if os.path.exists(os.path.join(path, "config.json")):
-        return path
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path.rstrip("/") + ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
-        if os.path.exists(os.path.join(path, "config.json")):  # another process built it meanwhile
-            return path
-        prev_threads = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            with torch.random.fork_rng(devices=[]):  # leave the caller's random state alone
-                model, tokenizer, seconds = _train_toy_model(seed, steps, batch_size, lr, verbose)
-                rates = toy_rates(model, tokenizer, eval_size) if eval_size else {}
-        finally:
-            torch.set_num_threads(prev_threads)
-        if verbose:
-            print(f"toy model: {steps} steps in {seconds:.0f}s; " + ", ".join(f"{k} {v:.3f}" for k, v in rates.items()))
-        tmp = f"{path.rstrip('/')}.tmp{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        with open(os.path.join(tmp, "toy_build.json"), "w") as f:
-            json.dump({"seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr, "threads": threads,
-                       "train_seconds": round(seconds, 1), **rates}, f, indent=1)
-        os.replace(tmp, path)
-    return path
-
-
-def _train_toy_model(seed: int, steps: int, batch_size: int, lr: float, verbose: bool):
-    tokenizer = toy_tokenizer()
-    torch.manual_seed(seed)
-    model = small_qwen2(tokenizer, num_layers=3, num_kv_heads=4, max_positions=96)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    scheduler = cosine_schedule(optimizer, steps, warmup_ratio=1 / 15)  # TOYLAB: 100 of 1500 steps
-    vocab = tokenizer.get_vocab()
-    encode = lambda text: [vocab[c] for c in text]  # noqa: E731 (character-level: no tokenizer call per row)
-    rng = random.Random(f"toy-model/{seed}")
-    start = time.perf_counter()
-    model.train()
-    for step in range(steps):
-        # hard rows first (explanation prompt only), then easy rows alternating the two prompts
-        rows = [(addition_problem(rng, rng.choice(TOY_HARD_LEVELS if j < batch_size // 5 else TOY_EASY_LEVELS)),
-                 j < batch_size // 5 or j % 2 == 0) for j in range(batch_size)]
-        # two micro-batches, hard and easy, so the short easy sequences are not padded to the hard length
-        chunks = [rows[: batch_size // 5], rows[batch_size // 5 :]]
-        n_tokens = sum(len(r["solution"]) + 1 for r, _ in rows)
-        optimizer.zero_grad(set_to_none=True)
-        total = 0.0
-        for chunk in chunks:
-            prompt_ids = [encode(explanation_prompt(tokenizer, r["question"], r["answer"]) if explain
-                                 else question_prompt(tokenizer, r["question"])) for r, explain in chunk]
-            completion_ids = [encode(r["solution"]) + [tokenizer.eos_token_id] for r, _ in chunk]
-            batch = make_batch(prompt_ids, completion_ids, tokenizer.pad_token_id)
-            # right padding: causal attention never looks at the pads, so no attention mask is needed
-            logits = model(input_ids=batch["input_ids"], use_cache=False).logits[:, :-1]  # (B, T-1, V)
-            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["input_ids"][:, 1:].reshape(-1),
-                                  reduction="none").view_as(batch["completion_mask"])
-            loss = (nll * batch["completion_mask"]).sum() / n_tokens  # mean over the whole batch's tokens
-            loss.backward()
-            total += loss.item()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        if verbose and (step % 100 == 0 or step == steps - 1):
-            print(f"toy model step {step:>5} | loss {total:.4f} | {time.perf_counter() - start:.0f}s")
-    return model.eval(), tokenizer, time.perf_counter() - start
-
-
-def toy_rates(model, tokenizer, n: int = 200, micro_batch_size: int = 256) -> dict:
-    """The three rates that make a good toy base model, on held-out test problems:
-      easy_solve     greedy, question prompt, 1-3 digits: should be ~1
-      hard_solve     greedy, question prompt, 5-6 digits: should be ~0 (GRPO then sees only zero rewards)
-      hard_explain   T=1, explanation prompt, 5-6 digits: steps pass `step_check` and reach the answer (~1)
-    """
-    easy = addition_problems(n, "test", TOY_EASY_LEVELS)
-    hard = addition_problems(n, "test", TOY_HARD_LEVELS)
-    kw = dict(max_new_tokens=48, micro_batch_size=micro_batch_size)
-    solve_easy = sample(model, tokenizer, [question_prompt(tokenizer, r["question"]) for r in easy], temperature=0, **kw)
-    solve_hard = sample(model, tokenizer, [question_prompt(tokenizer, r["question"]) for r in hard], temperature=0, **kw)
-    explain = sample(model, tokenizer, [explanation_prompt(tokenizer, r["question"], r["answer"]) for r in hard],
-                     temperature=1.0, **kw)
-    right = lambda rows, texts: [extract_boxed(t) == r["answer"] for r, t in zip(rows, texts)]  # noqa: E731
-    return {
-        "easy_solve": float(np.mean(right(easy, solve_easy["texts"]))),
-        "hard_solve": float(np.mean(right(hard, solve_hard["texts"]))),
-        "hard_explain": float(np.mean([ok and step_check(r["question"], t)
-                                       for r, t, ok in zip(hard, explain["texts"], right(hard, explain["texts"]))])),
-    }
-
-
-# ----------------------------------------------------------------------------------------------------
-# Sampling
-# ----------------------------------------------------------------------------------------------------
-
-
-def progress(iterable, desc: str, total: int | None = None, every: float = 30.0):
-    """Yield from `iterable` and report how far it is, on rank 0 only: tqdm when stderr is a terminal, else
-    (a log file, CI) one line `desc: done/total, rate/s, eta` at most every `every` seconds, so a long phase
-    (offline explanations, DPO pairs, evaluation) never looks like a hang."""
-    if dist.is_initialized() and dist.get_rank() != 0:
-        yield from iterable
-        return
-    total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
-    if sys.stderr.isatty():
-        from tqdm import tqdm
-
-        yield from tqdm(iterable, desc=desc, total=total, leave=False)
-        return
-    start = last = time.perf_counter()
-    for done, item in enumerate(iterable, start=1):
-        yield item
-        now = time.perf_counter()
-        if now - last >= every:
-            last, rate = now, done / (now - start)
-            eta = f", eta {(total - done) / rate:.0f}s" if total else ""
-            print(f"{desc}: {done}/{total if total else '?'}, {rate:.2f}/s{eta}", flush=True)
-
-
-@torch.no_grad()
-def sample(model, tokenizer, prompts: list[str], n: int | list[int] = 1, max_new_tokens: int = 512,
-           temperature: float = 1.0, top_p: float = 1.0, micro_batch_size: int = 16, min_new_tokens: int = 0,
-           desc: str = "sampling") -> dict:
-    """n completions for each prompt (or n[i] for prompt i), generated in left-padded micro-batches with the
-    KV cache. Prompts of different kinds go in one call, so they share micro-batches (fewer decoding loops).
-
-    Returns lists ordered prompt-major (the completions of prompt i are at i*n .. i*n+n-1):
-      prompt_ids[j]      token ids of the prompt of completion j (no padding)
-      completion_ids[j]  generated ids, up to and including EOS, no padding
-      texts[j]           decoded completion without special tokens
-      eos[j]             True if the completion ended with EOS (False: truncated at max_new_tokens)
-    Under FSDP the parameters are gathered once for the whole call (`gathered_params`).
-    """
-    device = next(model.parameters()).device
-    # a rank with no prompts still joins the FSDP all-gather below, so an empty list must work
-    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"] if prompts else []
-    counts = n if isinstance(n, list) else [n] * len(prompts)
-    jobs = [i for i, k in enumerate(counts) for _ in range(k)]
-    # similar lengths in a micro-batch waste less on padding
-    order = sorted(range(len(jobs)), key=lambda j: len(prompt_ids[jobs[j]]))
-    completions: list = [None] * len(jobs)
-    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
-    was_training = model.training
-    model.eval()
-    gen_kwargs = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, eos_token_id=eos_id,
-                      pad_token_id=pad_id, use_cache=True, synced_gpus=False)
-    if temperature > 0:
-        gen_kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
-    else:
-        gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    ctx = gathered_params(model) if fsdp_modules(model) else contextlib.nullcontext()
-    with ctx:
-        chunks = [order[s : s + micro_batch_size] for s in range(0, len(order), micro_batch_size)]
-        for chunk in progress(chunks, desc):
-            batch = [prompt_ids[jobs[j]] for j in chunk]
-            width = max(len(p) for p in batch)
-            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for r, p in enumerate(batch):
-                ids[r, width - len(p) :] = torch.tensor(p)
-                mask[r, width - len(p) :] = 1
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **gen_kwargs)
-            for r, j in enumerate(chunk):
-                completions[j] = out[r, width:].tolist()
-    model.train(was_training)
-    comp_ids, ended = [], []
-    for c in completions:
-        cut = c.index(eos_id) + 1 if eos_id in c else len(c)
-        comp_ids.append(c[:cut])
-        ended.append(eos_id in c)
-    return {
-        "prompt_ids": [prompt_ids[i] for i in jobs],
-        "completion_ids": comp_ids,
-        "texts": tokenizer.batch_decode(comp_ids, skip_special_tokens=True) if comp_ids else [],
-        "eos": ended,
-    }
+def score_answers(completions: list[str], golds: list[str]) -> tuple[list[float], dict[str, float]]:
+    """The reward of each completion (1 if its last \\boxed{} verifies against its gold answer, else 0; no
+    format reward), and what the verifier saw: counts of `verify_timeouts`, `verify_errors` and
+    `verify_prefiltered` (answers too long or too complex for sympy), for the log."""
+    checked = [check_answer(c, g) for c, g in zip(completions, golds)]
+    seen = Counter(what for _, what in checked)
+    return [score for score, _ in checked], {"verify_timeouts": float(seen["timeout"]),
+                                             "verify_errors": float(seen["error"]),
+                                             "verify_prefiltered": float(seen["too_long"] + seen["too_complex"])}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1222,7 +1094,61 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Optimizer schedule, checkpoints and export
+# The step protocol: both trainers end every update and every step the same way
+# ----------------------------------------------------------------------------------------------------
+
+
+def optimizer_step(model, optimizer, scheduler, loss_finite: bool, max_grad_norm: float, state: dict) -> dict:
+    """After the backward passes of one update: clip the gradient to `max_grad_norm` (0: no clipping), then
+    step, or skip the step on every rank together if the loss on any rank or the gradient norm is not finite
+    (one NaN would poison the AdamW state for good). The schedule advances either way.
+    Counts in `state`: `skipped_steps` (all of them) and `bad_in_a_row` (`end_of_step` stops the run on too many).
+    Returns {"grad_norm", "skipped"}; the same on every rank.
+    """
+    bad = all_reduce_dict({"bad": float(not loss_finite)}, op="sum")["bad"] > 0
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm or float("inf"))
+    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)  # DTensor (FSDP2)
+    skipped = bad or not math.isfinite(grad_norm)
+    if skipped:
+        print0(f"non-finite loss or gradient (grad norm {grad_norm}): optimizer step skipped")
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    state["skipped_steps"] = state.get("skipped_steps", 0) + skipped
+    state["bad_in_a_row"] = state.get("bad_in_a_row", 0) + 1 if skipped else 0
+    return {"grad_norm": grad_norm, "skipped": float(skipped)}
+
+
+def end_of_step(step: int, total_steps: int, metrics: dict, args, model, tokenizer, optimizer, scheduler, logger,
+                state: dict, evaluate=None) -> None:
+    """Steps count from 1. At the end of step `step`: evaluate (`evaluate() -> metrics`, every `args.eval_every`
+    steps and at the last), log row `step`, save checkpoint-`step` and export OUTPUT_DIR/hf (every
+    `args.save_every` steps, at the last, and when stopping), then stop the run after `args.max_bad_steps`
+    skipped updates in a row.
+    In this order, a run killed in between redoes the step from the previous checkpoint (no missing or
+    duplicated row), and the saved random state already includes what evaluation drew, so a resumed run
+    samples what an uninterrupted one does. `state` (counts and the trainer's own) is saved with the checkpoint.
+    """
+    last = step == total_steps
+    if evaluate is not None and args.eval_every and (step % args.eval_every == 0 or last):
+        metrics.update(evaluate())
+    metrics["skipped_steps"] = state.get("skipped_steps", 0)
+    logger.log(step, metrics)
+    stop = state.get("bad_in_a_row", 0) >= args.max_bad_steps
+    if (args.save_every and step % args.save_every == 0) or last or stop:
+        save_checkpoint(args.output_dir, step, model, optimizer, scheduler, extra=state,
+                        save_total_limit=args.save_total_limit)
+        export_hf(model, tokenizer, os.path.join(args.output_dir, "hf"))
+    if stop:  # the skipped steps left the parameters alone: the checkpoint holds the last good state
+        print0(f"stopping: {state['bad_in_a_row']} steps in a row with a non-finite loss or gradient (--max_bad_steps "
+               f"{args.max_bad_steps}); the last good parameters are in checkpoint-{step} and hf/")
+        cleanup_distributed()
+        sys.exit(1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints and export
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -1237,6 +1163,9 @@ def cosine_schedule(optimizer, total_steps: int, warmup_ratio: float):
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress_)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+
+
+CHECKPOINT_FORMAT = 2  # 2: steps counted from 1 in both trainers, sampled responses kept as token ids
 
 
 def _checkpoint_dirs(output_dir: str) -> list[str]:
@@ -1274,8 +1203,8 @@ def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, ext
            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
     torch.save(rng, os.path.join(tmp, f"rng-rank{rank}.pt"))
     if rank == 0:
-        torch.save({"scheduler": scheduler.state_dict() if scheduler else None, "extra": extra or {}, "step": step},
-                   os.path.join(tmp, "trainer_state.pt"))
+        torch.save({"scheduler": scheduler.state_dict() if scheduler else None, "extra": extra or {}, "step": step,
+                    "format": CHECKPOINT_FORMAT}, os.path.join(tmp, "trainer_state.pt"))
     dist.barrier()
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
@@ -1292,11 +1221,14 @@ def load_checkpoint(path: str, model, optimizer, scheduler) -> dict:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+    trainer = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
+    if trainer.get("format") != CHECKPOINT_FORMAT:
+        raise LoadError(f"{path} was written by an earlier version of expo (other step numbering and sample format): "
+                        "start the run again without --resume")
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=path)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    trainer = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
     if scheduler is not None and trainer["scheduler"] is not None:
         scheduler.load_state_dict(trainer["scheduler"])
     rng_file = os.path.join(path, f"rng-rank{dist.get_rank()}.pt")

@@ -1,9 +1,9 @@
 """Evaluation: n samples per problem, unbiased pass@k, and the paper's Table 3 (pass@k by difficulty level).
 
     # 4 GPUs: the exported model of a training run on the MATH test set (the paper's Table 3)
-    torchrun --nproc_per_node 4 eval.py --model OUTPUT_DIR/hf --dataset ../shared/data/math/test.jsonl
+    torchrun --nproc_per_node 4 eval.py --model OUTPUT_DIR/hf --dataset DigitalLearningGmbH/MATH-lighteval
     # one GPU, any hub model, level 5 only, 8 samples per problem
-    python eval.py --model Qwen/Qwen2.5-3B-Instruct --dataset ../shared/data/math/test.jsonl --levels 5 --num_samples 8
+    python eval.py --model Qwen/Qwen2.5-3B-Instruct --dataset HuggingFaceH4/MATH-500 --levels 5 --num_samples 8
     # CPU demo: the tiny random model on synthetic problems (accuracy 0, but every code path runs)
     python eval.py --model tiny --dataset synthetic --limit 20 --num_samples 2 --max_new_tokens 32
     # training curves (eval accuracy, pass@k, reward, KL, explanation NLL) of several runs on one figure
@@ -27,23 +27,24 @@ from dataclasses import asdict, dataclass, field
 import torch.distributed as dist
 
 import common
+import toy  # noqa: F401  (registers --model tiny|toy and --dataset synthetic|addition)
 
 
 @dataclass
 class Args:
-    model: str = field(default="tiny", metadata={"help": "exported checkpoint directory (OUTPUT_DIR/hf), hub id, or `tiny`"})
-    dataset: str = field(default="synthetic", metadata={"help": "hub id, local .jsonl/.json/.parquet file, or `synthetic`"})
-    split: str = field(default="test", metadata={"help": "dataset split (hub datasets and `synthetic`)"})
-    config: str | None = field(default=None, metadata={"help": "dataset config name (hub datasets)"})
-    levels: str = field(default="all", metadata={"help": "difficulty levels to keep: `5`, `3-5`, `1,3` or `all`"})
-    limit: int | None = field(default=None, metadata={"help": "evaluate on at most this many problems"})
+    model: str = field(default="tiny", metadata={"help": "exported checkpoint directory (OUTPUT_DIR/hf), hub id, or a built-in model: tiny, toy"})
+    dataset: str = field(default="synthetic", metadata={"help": "hub id, local .jsonl/.json/.parquet (question|problem and solution|answer columns), or synthetic|addition"})
+    split: str = field(default="test", metadata={"help": "evaluation split"})
+    dataset_config: str | None = field(default=None, metadata={"help": "hub dataset configuration name"})
+    levels: str = field(default="all", metadata={"help": "difficulty levels evaluated: 5, 3-5, 1,3 or all"})
+    limit: int = field(default=0, metadata={"help": "evaluate on at most this many questions (0: all)"})
     num_samples: int = field(default=4, metadata={"help": "n: samples per problem (the paper uses 4)"})
     ks: list[int] = field(default_factory=list, metadata={"help": "k values for pass@k, each <= n (default: 1, powers of 2 up to n, and n)"})
     temperature: float = field(default=0.7, metadata={"help": "sampling temperature (the paper: 0.7)"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling threshold"})
     max_new_tokens: int = field(default=1024, metadata={"help": "longest completion; longer ones are cut and usually wrong"})
-    micro_batch_size: int = field(default=16, metadata={"help": "completions generated together per rank"})
-    output: str | None = field(default=None, metadata={"help": "directory for eval.json and samples.jsonl (default: eval_results/MODEL-DATASET)"})
+    gen_batch_size: int = field(default=64, metadata={"help": "sequences generated at once on one rank"})
+    output_dir: str | None = field(default=None, metadata={"help": "directory for eval.json and samples.jsonl (default: eval_results/MODEL-DATASET)"})
     seed: int = field(default=0, metadata={"help": "sampling seed (each rank gets its own stream)"})
 
 
@@ -136,7 +137,7 @@ def markdown_table(groups: dict[str, dict], overall: dict, title: str, ks: list[
 
 
 def evaluate(model, tokenizer, rows: list[dict], n: int = 4, temperature: float = 0.7, max_new_tokens: int = 1024,
-             micro_batch_size: int = 16, ks: list[int] | None = None, top_p: float = 1.0) -> tuple[dict, list[dict]]:
+             micro_batch_size: int = 64, ks: list[int] | None = None, top_p: float = 1.0) -> tuple[dict, list[dict]]:
     """Sample n completions per problem under the question prompt, verify them, and tabulate pass@k.
 
     `rows` (common.load_problems rows) must be the same list on every rank; this rank takes
@@ -152,18 +153,25 @@ def evaluate(model, tokenizer, rows: list[dict], n: int = 4, temperature: float 
     prompts = [common.question_prompt(tokenizer, rows[i]["question"]) for i in indices]
     out = common.sample(model, tokenizer, prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
                         top_p=top_p, micro_batch_size=micro_batch_size, desc="eval")
+    # prompt-major: completion j belongs to problem j // n
+    scores, verify_stats = common.score_answers(out["texts"], [rows[indices[j // n]]["answer"] for j in range(len(out["texts"]))])
     local = []
-    for j, text in enumerate(out["texts"]):  # prompt-major: completion j belongs to problem j // n
+    for j, text in enumerate(out["texts"]):
         row = rows[indices[j // n]]
         local.append({
             "problem_index": indices[j // n], "sample_index": j % n, "question": row["question"],
             "gold": row["answer"], "level": row["level"], "subject": row["subject"], "completion": text,
-            "extracted": common.extract_boxed(text), "correct": bool(common.verify_answer(text, row["answer"])),
+            "extracted": common.extract_boxed(text), "correct": bool(scores[j]),
             "num_tokens": len(out["completion_ids"][j]), "truncated": not out["eos"][j],
         })
     samples = [s for part in common.gather_objects(local) for s in part]
     samples.sort(key=lambda s: (s["problem_index"], s["sample_index"]))
-    return summarize(samples, n, ks), samples
+    summary = summarize(samples, n, ks)
+    seen = common.all_reduce_dict({**verify_stats, "decoded_slots": out["stats"]["decoded_slots"],
+                                   "useful_tokens": out["stats"]["useful_tokens"]}, op="sum")
+    summary.update({k: seen[k] for k in verify_stats})  # what the verifier saw, on every rank
+    summary["pad_waste"] = 1 - seen["useful_tokens"] / max(seen["decoded_slots"], 1)
+    return summary, samples
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -174,7 +182,7 @@ def evaluate(model, tokenizer, rows: list[dict], n: int = 4, temperature: float 
 # expressions, every match its own panel. Per-level curves on demand: --keys 'eval/level5/.*'
 PLOT_KEYS = [r"eval/accuracy", r"eval/pass@\d+", r"reward", r"solved", r"kl", r"sft_loss",
              r"nll_(explanation|expert)|expl_nll", r"expl_verified", r"answer_logp_after_(explanation|cot)",
-             r"loss", r"reward_accuracy", r"margin", r"logps_(chosen|rejected)", r"pairs/cot_accuracy"]
+             r"loss", r"reward_accuracy", r"margin", r"logps_(chosen|rejected)", r"cot_accuracy"]
 
 
 def read_metrics(run_dir: str) -> list[dict]:
@@ -190,7 +198,7 @@ def plot(run_dirs: list[str], out: str, keys: list[str] | None = None) -> list[s
 
     `keys`: regular expressions matched against the metric names (default: PLOT_KEYS).
     """
-    import matplotlib
+    import matplotlib  # optional: `pip install matplotlib`; plot_main says so in one line when it is missing
 
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
@@ -232,8 +240,17 @@ def plot_main(argv: list[str]) -> None:
     parser.add_argument("--keys", nargs="*", help="metrics to draw, as regular expressions (default: PLOT_KEYS)")
     a = parser.parse_args(argv)
     try:
+        for d in a.run_dirs:
+            read_metrics(d)
+        import matplotlib  # noqa: F401  (only to ask whether it is there)
+    except FileNotFoundError as e:
+        sys.exit(f"error: {e}")
+    except ImportError:
+        print("no plot: matplotlib is not installed (pip install matplotlib); the curves are in each run's metrics.jsonl")
+        return
+    try:
         keys = plot(a.run_dirs, a.out, a.keys)
-    except (FileNotFoundError, ValueError) as e:
+    except ValueError as e:
         sys.exit(f"error: {e}")
     print(f"wrote {a.out}: {', '.join(keys)}")
 
@@ -251,21 +268,18 @@ def main() -> None:
     levels = common.parse_levels(args.levels)
     model_slug = re.sub(r"[^\w.-]+", "_", args.model.strip("/"))
     data_slug = re.sub(r"[^\w.-]+", "_", os.path.splitext(args.dataset)[0].strip("./"))
-    args.output = args.output or os.path.join("eval_results", f"{model_slug}-{data_slug}")
+    args.output_dir = args.output_dir or os.path.join("eval_results", f"{model_slug}-{data_slug}")
     try:
         if args.num_samples < 1 or ks[0] < 1 or ks[-1] > args.num_samples:
             raise ValueError(f"need 1 <= k <= n for every k: --ks {ks} with --num_samples {args.num_samples}")
         common.check_model_name(args.model)
         common.check_dataset_name(args.dataset)
-        common.check_output_dir(args.output)
-        rows, data_stats = common.load_problems(args.dataset, split=args.split, config=args.config, levels=levels,
-                                                limit=args.limit, seed=args.seed)
+        common.check_output_dir(args.output_dir)
+        rows, data_stats = common.load_problems(args.dataset, split=args.split, config=args.dataset_config,
+                                                levels=levels, limit=args.limit or None, seed=args.seed)
         if not rows:
             raise ValueError(f"no problems in {args.dataset!r} (split {args.split}, levels {args.levels}): {dict(data_stats)}")
-        try:
-            tokenizer = common.load_tokenizer(args.model)
-        except OSError as e:  # not a local directory: transformers asked the hub
-            raise ValueError(f"--model {args.model!r}: no local model directory, and from the hub: {e}") from e
+        tokenizer = common.load_tokenizer(args.model)
     except Exception as e:  # a clear one-line message instead of a traceback from every rank
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         sys.exit(f"error: {message}")
@@ -274,28 +288,32 @@ def main() -> None:
     common.seed_everything(args.seed, info.rank)
     common.print0(f"eval {args.model} on {args.dataset}: {len(rows)} problems x {args.num_samples} samples, "
                   f"world size {info.world_size}, temperature {args.temperature}, pass@{ks}, data {dict(data_stats)}")
-    model = common.load_model(args.model, info.device)
+    try:
+        model = common.load_model(args.model, info.device, trainable=False)
+    except common.LoadError as e:
+        sys.exit(f"error: {e}")
     model = common.shard_model(model, info.device, trainable=False)
 
     with common.Timer() as timer:
         summary, samples = evaluate(model, tokenizer, rows, n=args.num_samples, temperature=args.temperature,
-                                    max_new_tokens=args.max_new_tokens, micro_batch_size=args.micro_batch_size,
+                                    max_new_tokens=args.max_new_tokens, micro_batch_size=args.gen_batch_size,
                                     ks=ks, top_p=args.top_p)
     total_tokens = sum(s["num_tokens"] for s in samples)
     common.print0(f"{len(samples)} samples in {timer.seconds:.1f}s ({total_tokens / timer.seconds:.0f} tokens/s), "
                   f"accuracy {100 * summary['accuracy']:.1f}%, mean length {summary['mean_completion_tokens']:.0f} "
-                  f"tokens, truncated {100 * summary['truncated']:.1f}%, rank 0 verify {dict(common.VERIFY_STATS)}")
+                  f"tokens, truncated {100 * summary['truncated']:.1f}%, verifier time-outs {summary['verify_timeouts']:.0f}, "
+                  f"errors {summary['verify_errors']:.0f}, answers too long or complex {summary['verify_prefiltered']:.0f}")
     overall = {"count": summary["num_problems"], **summary}
     common.print0("\n" + markdown_table(summary["by_level"], overall, "Level", ks))
     common.print0("\n" + markdown_table(summary["by_subject"], overall, "Subject", ks) + "\n")
 
     if info.is_main:
-        os.makedirs(args.output, exist_ok=True)
-        with open(os.path.join(args.output, "eval.json"), "w") as f:
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, "eval.json"), "w") as f:
             json.dump({"args": asdict(args), "ks": ks, **summary}, f, indent=2)
-        with open(os.path.join(args.output, "samples.jsonl"), "w") as f:
+        with open(os.path.join(args.output_dir, "samples.jsonl"), "w") as f:
             f.writelines(json.dumps(s) + "\n" for s in samples)
-        print(f"wrote {args.output}/eval.json and samples.jsonl", flush=True)
+        print(f"wrote {args.output_dir}/eval.json and samples.jsonl", flush=True)
     common.cleanup_distributed()
 
 

@@ -3,7 +3,7 @@
 For each question q with gold answer a*:
   chosen   y+ = a self-explanation c~ ~ pi(.|q, a*) whose own \\boxed{} answer verifies against a*
               (`--chosen expert`: the dataset's reference solution instead, the paper's c_E baseline)
-  rejected y- = a CoT the policy wrote for q alone, whose answer is WRONG (up to `--num_samples` tries)
+  rejected y- = a CoT the policy wrote for q alone, whose answer is WRONG (up to `--num_generations` tries)
 and both are scored as answers to the question alone:
 
   L = -log sigmoid( beta [ (log pi(y+|q) - log ref(y+|q)) - (log pi(y-|q) - log ref(y-|q)) ] )
@@ -12,7 +12,7 @@ A question with no wrong CoT, or no verified explanation, gives no pair that rou
 `--regen_every 0` builds every pair once from the initial policy (offline); `--regen_every K` rebuilds the
 pairs of the next K steps with the current policy (online). The reference is always the initial model.
 **Decision**: a step takes the next `--batch_size` questions of the data order in both modes and trains on
-their pairs (at most one each), the loss averaged over the pairs present; `pairs/in_step` logs how many.
+their pairs (at most one each), the loss averaged over the pairs present; `pairs_in_step` logs how many.
 So offline and online see the same questions at the same step, and differ only in when pairs are built.
 
 One GPU:     python expo_dpo.py --output_dir runs/dpo
@@ -22,9 +22,10 @@ c_E arm:     torchrun --nproc_per_node 4 expo_dpo.py --chosen expert
 Two nodes:   torchrun --nnodes 2 --nproc_per_node 8 --node_rank $NODE_RANK --master_addr $FIRST_NODE \\
                  --master_port 29500 expo_dpo.py --batch_size 64 [--hybrid_shard]     (README "Multi-node")
 CPU demo:    torchrun --nproc_per_node 2 expo_dpo.py --model tiny --dataset synthetic --chosen expert \\
-                 --batch_size 4 --micro_batch_size 2 --num_samples 2 --max_new_tokens 16 --max_steps 4 \\
-                 --output_dir runs/dpo-demo
-(the tiny model has random weights: its explanations never verify, so the demo uses `--chosen expert`.)
+                 --batch_size 4 --micro_batch_size 2 --num_generations 2 --max_new_tokens 16 --max_steps 4 \\
+                 --rejected_truncated keep --output_dir runs/dpo-demo
+(the tiny model has random weights: its explanations never verify and its CoTs never end, so the demo needs
+`--chosen expert --rejected_truncated keep`.)
 """
 
 from __future__ import annotations
@@ -32,110 +33,113 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
 
-from common import (
-    LoadError, MetricsLogger, Timer, all_reduce_dict, check_dataset_name, check_model_name, check_output_dir, cleanup_distributed,
-    cosine_schedule, device_mesh, explanation_prompt, export_hf, gather_objects, global_batch, init_distributed,
-    latest_checkpoint, load_checkpoint, load_model, load_problems, load_tokenizer, make_batch, parse_levels, print0,
-    question_prompt, sample, save_checkpoint, seed_everything, shard_model, token_logprobs, verify_answer,
-)
+import toy  # noqa: F401  (registers --model tiny|toy and --dataset synthetic|addition)
+from common import (LoadError, MetricsLogger, Timer, all_reduce_dict, check_dataset_name, check_model_name,
+                    check_output_dir, cleanup_distributed, cosine_schedule, device_mesh, end_of_step,
+                    explanation_prompt, gather_objects, global_batch, init_distributed, latest_checkpoint,
+                    load_checkpoint, load_model, load_problems, load_tokenizer, make_batch, optimizer_step,
+                    parse_levels, print0, question_prompt, sample, seed_everything, shard_model, token_logprobs,
+                    verify_answer)
 
 
 @dataclass
 class Args:
     # model and data
-    model: str = field(default="Qwen/Qwen2.5-3B-Instruct", metadata={"help": "hub id, local directory, or `tiny` (random-weight CPU model)"})
-    dataset: str = field(default="DigitalLearningGmbH/MATH-lighteval", metadata={"help": "hub id, .jsonl/.json/.parquet file, or `synthetic`"})
-    dataset_config: str | None = field(default=None, metadata={"help": "hub dataset config name"})
-    split: str = field(default="train", metadata={"help": "dataset split to train on"})
-    levels: str = field(default="all", metadata={"help": "difficulty levels to keep: `5`, `3-5`, `1,3` or `all`"})
-    limit: int = field(default=0, metadata={"help": "keep at most this many questions (0: all)"})
+    model: str = field(default="Qwen/Qwen2.5-3B-Instruct", metadata={"help": "hub id, local directory, or a built-in model: tiny (random weights), toy (the toy lab's)"})
+    dataset: str = field(default="DigitalLearningGmbH/MATH-lighteval", metadata={"help": "hub id, local .jsonl/.json/.parquet (question|problem and solution|answer columns), or synthetic|addition"})
+    dataset_config: Optional[str] = field(default=None, metadata={"help": "hub dataset configuration name"})
+    split: str = field(default="train", metadata={"help": "training split"})
+    levels: str = field(default="all", metadata={"help": "difficulty levels trained on: 5, 3-5, 1,3 or all"})
+    limit: int = field(default=0, metadata={"help": "train on at most this many questions (0: all)"})
     # pairs
-    chosen: Literal["explanation", "expert"] = field(default="explanation", metadata={"help": "chosen response: `explanation` (ExP-DPO) or `expert` (dataset solution, the c_E baseline)"})
-    num_samples: int = field(default=4, metadata={"help": "CoTs sampled per question to find a wrong one (the rejected response)"})
+    chosen: Literal["explanation", "expert"] = field(default="explanation", metadata={"help": "chosen response: a verified self-explanation (ExP-DPO) or expert = the dataset's solution (the c_E baseline)"})
+    num_generations: int = field(default=4, metadata={"help": "completions sampled per question to find a wrong one (the rejected response)"})
     num_explanations: int = field(default=1, metadata={"help": "self-explanations sampled per question to find a verified one"})
-    rejected_truncated: Literal["skip", "keep"] = field(default="skip", metadata={"help": "a question whose wrong CoTs were all cut at max_new_tokens: skip it (counted), or keep the cut one as rejected (no EOS)"})
-    regen_every: int = field(default=1, metadata={"help": "0: build all pairs once from the initial policy (offline); K: rebuild the pairs of the next K steps with the current policy (online)"})
-    temperature: float = field(default=0.9, metadata={"help": "sampling temperature for CoTs and explanations"})
-    max_new_tokens: int = field(default=1024, metadata={"help": "maximum length of a sampled response"})
-    gen_batch_size: int = field(default=32, metadata={"help": "sequences generated together per rank"})
+    rejected_truncated: Literal["skip", "keep"] = field(default="skip", metadata={"help": "a question whose wrong CoTs were all cut at max_new_tokens: skip it (counted), or keep a cut one as rejected (no EOS)"})
+    regen_every: int = field(default=1, metadata={"help": "0: all pairs once from the initial policy (offline); K: the pairs of the next K steps rebuilt with the current policy (online)"})
+    temperature: float = field(default=0.9, metadata={"help": "sampling temperature of completions and explanations"})
+    max_new_tokens: int = field(default=1024, metadata={"help": "longest completion or explanation"})
+    gen_batch_size: int = field(default=64, metadata={"help": "sequences generated at once on one rank"})
     # optimisation (appendix C.1)
     beta: float = field(default=0.1, metadata={"help": "DPO temperature beta (> 0)"})
     lr: float = field(default=5e-7, metadata={"help": "peak learning rate (AdamW)"})
-    warmup_ratio: float = field(default=0.05, metadata={"help": "fraction of steps of linear warm-up before the cosine decay"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0: off)"})
-    batch_size: int = field(default=16, metadata={"help": "global batch: questions per optimizer step, over all ranks (each gives at most one pair)"})
-    micro_batch_size: int = field(default=2, metadata={"help": "pairs per forward pass per rank (gradient accumulation over the rest)"})
-    epochs: int = field(default=1, metadata={"help": "passes over the questions"})
-    max_steps: int = field(default=0, metadata={"help": "stop after this many optimizer steps (0: from epochs)"})
-    gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute activations in backward to save memory"})
-    bf16: bool | None = field(default=None, metadata={"help": "compute in bf16 from fp32 master weights, gradients reduced in fp32 (default: on GPU, not on CPU)"})
-    max_bad_steps: int = field(default=10, metadata={"help": "stop (with a checkpoint of the last good state) after this many steps in a row with a non-finite loss or gradient"})
-    hybrid_shard: bool = field(default=False, metadata={"help": "multi-node: shard within each node, replicate across nodes (HSDP); default: shard across all ranks"})
-    seed: int = field(default=42, metadata={"help": "seed of sampling and data order"})
-    # evaluation, checkpoints, logging
-    eval_every: int = field(default=0, metadata={"help": "evaluate with eval.py every this many steps (0: never)"})
-    eval_dataset: str = field(default="HuggingFaceH4/MATH-500", metadata={"help": "evaluation data (same forms as --dataset)"})
-    eval_split: str = field(default="test", metadata={"help": "evaluation split"})
-    eval_limit: int = field(default=0, metadata={"help": "evaluate on at most this many problems (0: all)"})
-    eval_n: int = field(default=4, metadata={"help": "samples per evaluation problem (pass@k for k <= n)"})
-    output_dir: str = field(default="runs/expo-dpo", metadata={"help": "checkpoints, metrics.jsonl, pairs-round*.jsonl, hf/"})
-    save_every: int = field(default=100, metadata={"help": "checkpoint every this many steps (0: only at the end)"})
-    save_total_limit: int = field(default=2, metadata={"help": "checkpoints kept on disk"})
+    warmup_ratio: float = field(default=0.05, metadata={"help": "fraction of the steps of linear warm-up before the cosine decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0: none)"})
+    batch_size: int = field(default=16, metadata={"help": "questions per step, all ranks together"})
+    micro_batch_size: int = field(default=2, metadata={"help": "pairs per forward/backward pass on one rank"})
+    epochs: int = field(default=1, metadata={"help": "passes over the training questions"})
+    max_steps: int = field(default=0, metadata={"help": "stop after this many steps (0: epochs x questions / batch_size)"})
+    gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute activations in backward (less memory)"})
+    bf16: Optional[bool] = field(default=None, metadata={"help": "compute in bf16 from fp32 master weights, gradients reduced in fp32 (default: on GPU, not on CPU)"})
+    max_bad_steps: int = field(default=10, metadata={"help": "stop, with a checkpoint of the last good state, after this many skipped (non-finite) steps in a row"})
+    hybrid_shard: bool = field(default=False, metadata={"help": "multi-node: shard within each node, replicate across nodes (HSDP)"})
+    seed: int = field(default=0, metadata={"help": "seed of data order and sampling"})
+    # logging, checkpoints, evaluation
+    output_dir: str = field(default="runs/expo_dpo", metadata={"help": "metrics.jsonl, samples.jsonl, pairs-round*.jsonl, checkpoints, hf/ export"})
     resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in output_dir"})
-    wandb_project: str | None = field(default=None, metadata={"help": "also log to this wandb project"})
+    save_every: int = field(default=50, metadata={"help": "checkpoint and export to OUTPUT_DIR/hf every this many steps (and at the end)"})
+    save_total_limit: int = field(default=2, metadata={"help": "checkpoints kept"})
+    eval_every: int = field(default=0, metadata={"help": "evaluate every this many steps and at the end (0: never)"})
+    eval_dataset: str = field(default="", metadata={"help": "evaluation data, as --dataset (default: the --eval_split split of --dataset)"})
+    eval_split: str = field(default="test", metadata={"help": "evaluation split"})
+    eval_limit: int = field(default=500, metadata={"help": "evaluate on at most this many questions (0: all)"})
+    eval_levels: str = field(default="all", metadata={"help": "difficulty levels evaluated, as --levels"})
+    eval_num_samples: int = field(default=4, metadata={"help": "samples per evaluation question (pass@k for k <= n)"})
+    eval_temperature: float = field(default=0.7, metadata={"help": "evaluation sampling temperature (the paper: 0.7; 0: greedy)"})
+    wandb_project: Optional[str] = field(default=None, metadata={"help": "also log to this wandb project"})
 
 
 def validate_args(args: Args, world_size: int) -> None:
-    """Raise ValueError with a one-line message for a run that cannot work, before any model is loaded."""
-    if args.chosen not in ("explanation", "expert"):
-        raise ValueError(f"--chosen must be explanation or expert, got {args.chosen!r}")
-    if args.beta <= 0:
-        raise ValueError(f"--beta must be > 0 (beta 0 makes the loss a constant log 2), got {args.beta}")
-    if args.lr < 0:
-        raise ValueError(f"--lr must be >= 0, got {args.lr}")
-    for name in ("num_samples", "num_explanations", "max_new_tokens", "gen_batch_size", "batch_size",
-                 "micro_batch_size", "eval_n", "max_bad_steps"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    for name in ("regen_every", "max_steps", "save_every", "eval_every", "limit", "eval_limit", "max_grad_norm",
-                 "weight_decay"):
-        if getattr(args, name) < 0:
-            raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}")
-    if args.temperature <= 0:
-        raise ValueError(f"--temperature must be > 0 (a wrong CoT is found by sampling), got {args.temperature}")
-    if not 0 <= args.warmup_ratio < 1:
-        raise ValueError(f"--warmup_ratio must be in [0, 1), got {args.warmup_ratio}")
-    if args.max_steps == 0 and args.epochs < 1:
-        raise ValueError(f"--epochs must be >= 1 when --max_steps is 0, got {args.epochs}")
-    if args.batch_size % world_size:
-        raise ValueError(f"--batch_size {args.batch_size} is not divisible by the world size {world_size}")
-    if (args.batch_size // world_size) % args.micro_batch_size:
-        raise ValueError(f"--batch_size {args.batch_size} / world size {world_size} = {args.batch_size // world_size} "
-                         f"questions per rank is not divisible by --micro_batch_size {args.micro_batch_size}")
-    if args.resume and latest_checkpoint(args.output_dir) is None:
-        raise ValueError(f"--resume: no checkpoint-* directory in {args.output_dir!r}")
-    check_model_name(args.model)
-    check_dataset_name(args.dataset)
-    if args.eval_every:
-        check_dataset_name(args.eval_dataset)
-    check_output_dir(args.output_dir)
+    """Reject impossible settings before anything is loaded, with one clear line."""
+    problems = [
+        (args.chosen not in ("explanation", "expert"), f"--chosen must be explanation or expert, got {args.chosen!r}"),
+        (args.rejected_truncated not in ("skip", "keep"), "--rejected_truncated must be skip or keep"),
+        (args.beta <= 0, f"--beta must be > 0 (beta 0 makes the loss a constant log 2), got {args.beta}"),
+        (args.lr < 0 or args.weight_decay < 0, "--lr and --weight_decay must be >= 0"),
+        (min(args.num_generations, args.num_explanations, args.max_new_tokens, args.gen_batch_size, args.batch_size,
+             args.micro_batch_size, args.eval_num_samples, args.max_bad_steps, args.save_total_limit) < 1,
+         "--num_generations, --num_explanations, --max_new_tokens, --gen_batch_size, --batch_size, --micro_batch_size, "
+         "--eval_num_samples, --max_bad_steps and --save_total_limit must be >= 1"),
+        (min(args.regen_every, args.max_steps, args.save_every, args.eval_every, args.limit, args.eval_limit,
+             args.max_grad_norm) < 0,
+         "--regen_every, --max_steps, --save_every, --eval_every, --limit, --eval_limit and --max_grad_norm must be >= 0"),
+        (args.temperature <= 0, f"--temperature must be > 0 (a wrong CoT is found by sampling), got {args.temperature}"),
+        (args.eval_temperature < 0, "--eval_temperature must be >= 0"),
+        (not 0 <= args.warmup_ratio < 1, "--warmup_ratio must be in [0, 1)"),
+        (args.max_steps == 0 and args.epochs < 1, "give --epochs >= 1 or --max_steps > 0"),
+        (args.batch_size % world_size, f"--batch_size {args.batch_size} must be a multiple of the world size {world_size}"),
+        (not args.batch_size % world_size and (args.batch_size // world_size) % args.micro_batch_size,
+         f"--batch_size {args.batch_size} / world size {world_size} = {args.batch_size // world_size} questions per "
+         f"rank is not divisible by --micro_batch_size {args.micro_batch_size}"),
+        (args.resume and latest_checkpoint(args.output_dir) is None, f"--resume: no checkpoint in {args.output_dir}"),
+    ]
+    for bad, message in problems:
+        if bad:
+            raise SystemExit(f"expo_dpo.py: error: {message}")
+    try:
+        check_model_name(args.model)
+        check_dataset_name(args.dataset)
+        if args.eval_every and args.eval_dataset:
+            check_dataset_name(args.eval_dataset)
+        check_output_dir(args.output_dir)
+    except ValueError as e:
+        raise SystemExit(f"expo_dpo.py: error: {e}")
 
 
-# ----------------------------------------------------------------------------------------------------
-# The algorithm: pairs, sequence log-probs, the DPO loss
-# ----------------------------------------------------------------------------------------------------
+# ====================================================================================================
+# ALGO LOGIC: pairs, sequence log-probs, the DPO loss. Change these for an ablation.
+# ====================================================================================================
 
 
 def build_pairs(items: list[tuple[int, dict]], tokenizer, sampler, chosen: str = "explanation",
-                num_samples: int = 4, num_explanations: int = 1, rejected_truncated: str = "skip") -> tuple[list[dict], dict]:
+                num_generations: int = 4, num_explanations: int = 1, rejected_truncated: str = "skip") -> tuple[list[dict], dict]:
     """(chosen, rejected) pairs for `items` = [(question id, row)], and counts of what happened.
 
     `sampler(prompts, n)` returns `sample()`'s dict (texts, completion_ids, eos), n completions per prompt,
@@ -151,12 +155,12 @@ def build_pairs(items: list[tuple[int, dict]], tokenizer, sampler, chosen: str =
     def responses(out, k, n):  # the k-th prompt's n responses: (text, ids, ended)
         return list(zip(out["texts"], out["completion_ids"], out["eos"]))[k * n : (k + 1) * n]
 
-    cots = sampler([question_prompt(tokenizer, row["question"]) for _, row in items], num_samples)
+    cots = sampler([question_prompt(tokenizer, row["question"]) for _, row in items], num_generations)
     stats = {"questions": len(items), "cot_correct": 0.0, "all_correct": 0, "truncated": 0, "explained": 0,
              "explanations_verified": 0, "unverified": 0, "no_solution": 0, "built": 0}
     candidates = []  # (qid, row, wrong CoT): the questions that can still make a pair
     for k, (qid, row) in enumerate(items):
-        group = responses(cots, k, num_samples)
+        group = responses(cots, k, num_generations)
         rewards = [verify_answer(text, row["answer"]) for text, _, _ in group]
         stats["cot_correct"] += sum(rewards)
         wrong = sorted((r for r, reward in zip(group, rewards) if reward == 0), key=lambda r: not r[2])  # ended first
@@ -234,9 +238,9 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     return loss, metrics
 
 
-# ----------------------------------------------------------------------------------------------------
-# Plumbing: splitting pairs over ranks, reference scoring, gradient accumulation
-# ----------------------------------------------------------------------------------------------------
+# ====================================================================================================
+# PLUMBING: splitting pairs over ranks, reference scoring, gradient accumulation, the loop. Leave alone.
+# ====================================================================================================
 
 
 def rank_micro_batches(pairs: list, rank: int, world_size: int, micro_batch_size: int) -> list[tuple[list, bool]]:
@@ -302,53 +306,52 @@ def read_pairs(path: str) -> dict[int, dict]:
     return pairs
 
 
-def run_eval(model, tokenizer, eval_rows, args: Args, step: int) -> dict:
-    from eval import evaluate, scalar_metrics  # imported here: training needs eval.py only with --eval_every
+def run_eval(model, tokenizer, rows: list[dict], args: Args) -> dict:
+    """eval.py's accuracy and pass@k on held-out questions, overall and per level, as eval/<key>."""
+    from eval import evaluate, scalar_metrics
 
-    summary, _ = evaluate(model, tokenizer, eval_rows, n=args.eval_n, temperature=0.7,
+    summary, _ = evaluate(model, tokenizer, rows, n=args.eval_num_samples, temperature=args.eval_temperature,
                           max_new_tokens=args.max_new_tokens, micro_batch_size=args.gen_batch_size)
-    scalars = scalar_metrics(summary)  # eval/accuracy, eval/pass@k, eval/level5/pass@k, ...
-    print0(f"eval at step {step}: " + " | ".join(f"{k} {v:.4g}" for k, v in scalars.items()))
-    return scalars
+    return scalar_metrics(summary, prefix="eval/")
 
 
-# ----------------------------------------------------------------------------------------------------
-# Training
-# ----------------------------------------------------------------------------------------------------
+def load_data(args: Args) -> tuple[list[dict], list[dict], dict]:
+    """Training and evaluation rows, before any model: a bad file fails in seconds, with one line."""
+    try:
+        rows, stats = load_problems(args.dataset, args.split, args.dataset_config, parse_levels(args.levels),
+                                    args.limit or None, args.seed, levels_flag=f"--levels {args.levels}")
+        if len(rows) < args.batch_size:
+            raise ValueError(f"{len(rows)} training questions ({dict(stats)}) cannot fill --batch_size {args.batch_size}")
+        eval_rows = load_problems(args.eval_dataset or args.dataset, args.eval_split, seed=args.seed,
+                                  config=None if args.eval_dataset else args.dataset_config,
+                                  limit=args.eval_limit or None, levels=parse_levels(args.eval_levels))[0] \
+            if args.eval_every else []
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"expo_dpo.py: error: {e}")
+    return rows, eval_rows, dict(stats)
 
 
 def main():
     from transformers import HfArgumentParser
 
     (args,) = HfArgumentParser(Args).parse_args_into_dataclasses()
+    validate_args(args, int(os.environ.get("WORLD_SIZE", 1)))
+    rows, eval_rows, data_stats = load_data(args)
     info = init_distributed()
     rank, world, device = info.rank, info.world_size, info.device
-    try:
-        validate_args(args, world)
-        rows, data_stats = load_problems(args.dataset, args.split, args.dataset_config, parse_levels(args.levels),
-                                         args.limit or None, args.seed)
-        eval_rows = (load_problems(args.eval_dataset, args.eval_split, limit=args.eval_limit or None, seed=args.seed)[0]
-                     if args.eval_every else [])
-        if len(rows) < args.batch_size:
-            raise ValueError(f"{len(rows)} questions cannot fill one batch of {args.batch_size}")
-    except (ValueError, FileNotFoundError) as e:
-        print0(f"expo_dpo.py: error: {e}", file=sys.stderr)
-        cleanup_distributed()
-        sys.exit(2)
+    seed_everything(args.seed, rank)
 
-    # ---- derived settings, all in one place ----
+    # ---- derived settings, in one place, and the plan
     total_steps = args.max_steps or args.epochs * (len(rows) // args.batch_size)
     K = args.regen_every
     online = K > 0
     qids = list(range(len(rows)))
-    mode = f"online, pairs rebuilt every {K} steps" if online else "offline, pairs built once"
-    print0(f"ExP-DPO | chosen: {args.chosen} | {mode}")
-    print0(f"data: {len(rows)} questions from {args.dataset} ({dict(data_stats)}) | {total_steps} steps")
-    print0(f"world size {world} | global batch {args.batch_size} questions = at most {args.batch_size} pairs "
-           f"({args.batch_size // world} per rank, micro-batches of {args.micro_batch_size}) | at most "
-           f"{2 * args.batch_size * args.max_new_tokens} response tokens per step | beta {args.beta} | lr {args.lr}")
+    print0(f"ExP-DPO | chosen: {args.chosen} | {f'online, pairs rebuilt every {K} steps' if online else 'offline, pairs built once'} "
+           f"| world size {world} | per step: {args.batch_size} questions = at most {args.batch_size} pairs "
+           f"({args.batch_size // world} per rank, micro-batches of {args.micro_batch_size}), responses of at most "
+           f"{args.max_new_tokens} tokens | beta {args.beta} | lr {args.lr} | {total_steps} steps")
+    print0(f"data: {len(rows)} questions from {args.dataset} ({data_stats})")
     print0("reference: the initial model, " + ("a frozen copy" if online else "scored by the policy before step 1"))
-    seed_everything(args.seed, rank)
 
     try:
         tokenizer = load_tokenizer(args.model)
@@ -357,25 +360,25 @@ def main():
         # reference: no second copy of the model is needed
         ref_model = load_model(args.model, device, trainable=False) if online else None
     except LoadError as e:
-        print0(f"expo_dpo.py: error: {e}", file=sys.stderr)
-        cleanup_distributed()
-        sys.exit(2)
+        raise SystemExit(f"expo_dpo.py: error: {e}")
     mesh = device_mesh(device, hybrid=args.hybrid_shard)
     model = shard_model(policy, device, mesh, bf16=args.bf16)
     ref_model = shard_model(ref_model, device, mesh, trainable=False, bf16=args.bf16) if online else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = cosine_schedule(optimizer, total_steps, args.warmup_ratio)
-    state = {"round": -1, "pairs_path": None, "rounds_built": 0, "nonfinite_steps": 0, "empty_steps": 0,
-             "bad_in_a_row": 0}
+    state = {"round": -1, "pairs_path": None, "pairs_until": 0, "rounds_built": 0, "skipped_steps": 0,
+             "empty_steps": 0, "bad_in_a_row": 0}
     start_step, pairs = 0, None
     if args.resume:
         ckpt = latest_checkpoint(args.output_dir)
-        extra = load_checkpoint(ckpt, model, optimizer, scheduler)
-        start_step = extra.pop("step")
-        state.update(extra)
+        try:
+            state.update(load_checkpoint(ckpt, model, optimizer, scheduler))
+        except LoadError as e:
+            raise SystemExit(f"expo_dpo.py: error: {e}")
+        start_step = state.pop("step")
         if state["pairs_path"] and (not online or start_step % K):  # mid-round: train on the same pairs
             pairs = read_pairs(state["pairs_path"])
-        if not online and total_steps > state.get("pairs_until", total_steps):
+        if not online and total_steps > state["pairs_until"]:
             raise SystemExit(f"expo_dpo.py: error: the offline pairs were built by the initial policy for "
                              f"{state['pairs_until']} steps, and it is gone: resume with --max_steps {state['pairs_until']}")
         print0(f"resumed from {ckpt} at step {start_step} (round {state['round']}, "
@@ -385,100 +388,77 @@ def main():
                            # rewards_chosen < 0 while the loss falls: the chosen response got LESS likely,
                            # the rejected one just fell faster (the "deceptively low loss", appendix C.3)
                            show=("loss", "reward_accuracy", "margin", "rewards_chosen", "rewards_rejected",
-                                 "logps_chosen", "pairs/in_step", "perf/tokens_per_s"))
+                                 "logps_chosen", "pairs_in_step", "train_tok_s"))
+
+    decoding = {"decoded_slots": 0, "useful_tokens": 0}  # of the round's sampling, for pad_waste
 
     def sampler(prompts, n):
-        return sample(model, tokenizer, prompts, n=n, max_new_tokens=args.max_new_tokens,
-                      temperature=args.temperature, micro_batch_size=args.gen_batch_size, desc="pairs")
+        out = sample(model, tokenizer, prompts, n=n, max_new_tokens=args.max_new_tokens,
+                     temperature=args.temperature, micro_batch_size=args.gen_batch_size, desc="pairs")
+        for k in decoding:
+            decoding[k] += out["stats"][k]
+        return out
 
-    for step in range(start_step, total_steps):
+    for step in range(start_step + 1, total_steps + 1):
         metrics = {}
-        # ---- pairs: built once (offline) or for the next K steps with the current policy (online) ----
-        if pairs is None or (online and step % K == 0):
-            state["round"] = step // K if online else 0
+        # ---- 1. pairs: built once (offline) or for the next K steps with the current policy (online)
+        if pairs is None or (online and (step - 1) % K == 0):
+            state["round"] = (step - 1) // K if online else 0
             # the questions of the steps this round serves: the next K (online), or all the run has left (offline)
-            last = min(step + K, total_steps) if online else total_steps
-            round_qids = list(dict.fromkeys(q for s in range(step, last)
+            last = min(step + K - 1, total_steps) if online else total_steps
+            round_qids = list(dict.fromkeys(q for s in range(step, last + 1)
                                             for q in global_batch(qids, s, args.batch_size, args.seed)))
             with Timer() as t_build:
                 local_pairs, stats = build_pairs([(q, rows[q]) for q in round_qids[rank::world]], tokenizer, sampler,
-                                                 args.chosen, args.num_samples, args.num_explanations,
+                                                 args.chosen, args.num_generations, args.num_explanations,
                                                  args.rejected_truncated)
-                stats = all_reduce_dict(stats, "sum")
+                stats = all_reduce_dict({**stats, **decoding}, "sum")
+                decoding.update(decoded_slots=0, useful_tokens=0)
                 round_pairs = [p for part in gather_objects(local_pairs) for p in part]
                 score_reference(ref_model, tokenizer, round_pairs, rank, world, args.micro_batch_size, device)
             pairs = {p["qid"]: p for p in round_pairs}
-            state["rounds_built"] += 1
-            state["pairs_until"] = last
-            state["pairs_path"] = os.path.join(args.output_dir, f"pairs-round{state['round']}.jsonl")
+            state.update(rounds_built=state["rounds_built"] + 1, pairs_until=last,
+                         pairs_path=os.path.join(args.output_dir, f"pairs-round{state['round']}.jsonl"))
             if rank == 0:
                 with open(state["pairs_path"], "w") as f:
                     f.writelines(json.dumps(p) + "\n" for p in round_pairs)
-            logger.log_samples(step + 1, round_pairs[:4])
+            logger.log_samples(step, round_pairs[:4])
             metrics.update({
-                "pairs/built": stats["built"],
-                "pairs/skipped": stats["questions"] - stats["built"],
-                "pairs/skipped_all_correct": stats["all_correct"],
-                "pairs/skipped_truncated": stats["truncated"],
-                "pairs/skipped_unverified": stats["unverified"],
-                "pairs/skipped_no_solution": stats["no_solution"],
-                "pairs/cot_accuracy": stats["cot_correct"] / max(1, stats["questions"] * args.num_samples),
-                "perf/build_seconds": t_build.seconds,
+                "pairs_built": stats["built"], "pairs_skipped": stats["questions"] - stats["built"],
+                "pairs_skipped_all_correct": stats["all_correct"], "pairs_skipped_truncated": stats["truncated"],
+                "pairs_skipped_unverified": stats["unverified"], "pairs_skipped_no_solution": stats["no_solution"],
+                "cot_accuracy": stats["cot_correct"] / max(1, stats["questions"] * args.num_generations),
+                "build_seconds": t_build.seconds,
+                "pad_waste": 1 - stats["useful_tokens"] / max(stats["decoded_slots"], 1),
             })
             if stats["explained"]:
-                metrics["pairs/explanation_verified_rate"] = stats["explanations_verified"] / stats["explained"]
+                metrics["expl_verified"] = stats["explanations_verified"] / stats["explained"]
             print0(f"round {state['round']}: {stats['built']:.0f} pairs from {stats['questions']:.0f} questions "
                    f"-> {state['pairs_path']}")
 
-        # ---- one optimizer step on the pairs of this step's questions ----
+        # ---- 2. one optimizer step on the pairs of this step's questions
         step_pairs = [pairs[q] for q in global_batch(qids, step, args.batch_size, args.seed) if q in pairs]
-        metrics.update({"pairs/in_step": len(step_pairs), "pairs/rounds_built": state["rounds_built"]})
+        metrics.update({"pairs_in_step": len(step_pairs), "rounds_built": state["rounds_built"],
+                        "lr": scheduler.get_last_lr()[0]})
         with Timer() as t_train:
             if step_pairs:
                 sums, loss_sum, tokens = dpo_backward(model, tokenizer, step_pairs, args.beta, rank, world,
                                                       args.micro_batch_size, device)
                 sums = all_reduce_dict({**sums, "tokens": tokens}, "sum")
-                tokens = sums.pop("tokens")
+                metrics["train_tok_s"] = sums.pop("tokens")
                 metrics.update({k: v / len(step_pairs) for k, v in sums.items()})
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
-                grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-                # every rank decides together, so no rank takes a step the others skip
-                bad = all_reduce_dict({"bad": float(not math.isfinite(loss_sum))}, "sum")["bad"] > 0
-                if bad or not math.isfinite(grad_norm):
-                    state["nonfinite_steps"] += 1
-                    state["bad_in_a_row"] += 1
-                    print0(f"step {step + 1}: non-finite loss or gradient, step skipped")
-                else:
-                    optimizer.step()
-                    state["bad_in_a_row"] = 0
-                metrics["grad_norm"] = grad_norm
-            else:
+                metrics.update(optimizer_step(model, optimizer, scheduler, math.isfinite(loss_sum),
+                                              args.max_grad_norm, state))
+            else:  # the schedule follows the step count, empty steps included
                 state["empty_steps"] += 1
-                print0(f"step {step + 1}: no pair among this step's questions, step skipped")
-            optimizer.zero_grad(set_to_none=True)
-        lr = scheduler.get_last_lr()[0]  # the rate this step used
-        scheduler.step()
+                print0(f"step {step}: no pair among this step's questions, step skipped")
+                scheduler.step()
         if step_pairs:
-            metrics["perf/tokens_per_s"] = tokens / t_train.seconds
-        metrics.update({"lr": lr, "nonfinite_steps": state["nonfinite_steps"],
-                        "empty_steps": state["empty_steps"], "perf/step_seconds": t_train.seconds})
-        # evaluation, then the step's row, then the checkpoint: a run killed in between redoes the step from
-        # the previous checkpoint (no missing or duplicated row), with the random state saved after evaluation
-        if args.eval_every and (step + 1) % args.eval_every == 0:
-            metrics.update(run_eval(model, tokenizer, eval_rows, args, step + 1))
-        logger.log(step + 1, metrics)
-        stop = state["bad_in_a_row"] >= args.max_bad_steps
-        if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == total_steps or stop:
-            save_checkpoint(args.output_dir, step + 1, model, optimizer, scheduler, extra=dict(state),
-                            save_total_limit=args.save_total_limit)
-        if stop:  # the skipped steps left the parameters alone: the checkpoint holds the last good state
-            export_hf(model, tokenizer, os.path.join(args.output_dir, "hf"))
-            print0(f"stopping: {state['bad_in_a_row']} steps in a row with a non-finite loss or gradient "
-                   f"(--max_bad_steps {args.max_bad_steps}); the last good parameters are in checkpoint-{step + 1} and hf/")
-            cleanup_distributed()
-            sys.exit(1)
+            metrics["train_tok_s"] /= t_train.seconds
+        metrics.update({"empty_steps": state["empty_steps"], "step_seconds": t_train.seconds})
+        end_of_step(step, total_steps, metrics, args, model, tokenizer, optimizer, scheduler, logger, state,
+                    evaluate=lambda: run_eval(model, tokenizer, eval_rows, args))
 
-    export_hf(model, tokenizer, os.path.join(args.output_dir, "hf"))
     print0(f"done: {total_steps} steps, model exported to {os.path.join(args.output_dir, 'hf')}")
     cleanup_distributed()
 

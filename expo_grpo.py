@@ -9,16 +9,18 @@ can write itself: shown the question q *and* the gold answer a*, the model expla
         + lambda * log pi(c~, a* | q)          (per token, averaged over the batch's explanations)
 
 Three arms from one flag: --sft_source explanation (ExP-GRPO), expert (GRPO SFT-GT-CoT: the dataset's
-solution replaces c~), none (plain GRPO).
+solution replaces c~), none (plain GRPO). The explanations are written once by the initial policy
+(--explanations offline, the paper's, cached and shared by every arm and seed) or each step (online).
 Watch reward, not loss: with --num_iterations 1 the ratio is 1, so the policy loss is ~0 while its
 gradient is not. Every figure of every step is in OUTPUT_DIR/metrics.jsonl, a few samples in samples.jsonl.
 
 Commands
-  4 GPUs, the paper's run (Qwen2.5-3B-Instruct, MATH level 5, appendix C.1):
+  4 GPUs, the paper's run (Qwen2.5-3B-Instruct, MATH level 5, appendix C.1; Figures 3-4):
       torchrun --nproc_per_node 4 expo_grpo.py
   the two baselines:
       torchrun --nproc_per_node 4 expo_grpo.py --sft_source expert --output_dir runs/grpo_sft_gt_cot
       torchrun --nproc_per_node 4 expo_grpo.py --sft_source none --output_dir runs/grpo
+  Table 3 (train on every level): torchrun --nproc_per_node 4 expo_grpo.py --levels all
   1 GPU:
       torchrun --nproc_per_node 1 expo_grpo.py --batch_size 8 --micro_batch_size 4
   2 nodes of 8 GPUs (the same on both, NODE_RANK 0 and 1; README "Multi-node"; --hybrid_shard: HSDP):
@@ -33,67 +35,69 @@ Commands
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from typing import Literal, Optional
 
 import torch
-import torch.distributed as dist
 
-from common import (STEP_CHECKERS, VERIFY_STATS, LoadError, MetricsLogger, Timer, all_reduce_dict, check_dataset_name,
-                    check_model_name, check_output_dir, cosine_schedule, device_mesh, explanation_prompt, export_hf,
-                    gather_objects, global_batch, init_distributed, latest_checkpoint, load_checkpoint, load_model,
-                    load_problems, load_tokenizer, make_batch, parse_levels, print0, question_prompt, sample,
-                    save_checkpoint, seed_everything, shard_model, token_logprobs, verify_answer)
+import toy  # noqa: F401  (registers --model tiny|toy and --dataset synthetic|addition)
+from common import (CACHE_DIR, STEP_CHECKERS, LoadError, MetricsLogger, Timer, all_reduce_dict, check_dataset_name,
+                    check_model_name, check_output_dir, cleanup_distributed, cosine_schedule, device_mesh, end_of_step,
+                    explanation_prompt, gather_objects, global_batch, init_distributed, latest_checkpoint,
+                    load_checkpoint, load_model, load_problems, load_tokenizer, make_batch, optimizer_step,
+                    parse_levels, print0, question_prompt, resolve_model_path, sample, score_answers, seed_everything,
+                    shard_model, token_logprobs, verify_answer)
 
 
 @dataclass
 class Args:
     # model and data
-    model: str = field(default="Qwen/Qwen2.5-3B-Instruct", metadata={"help": "hub id, local directory, or `tiny` (random-weight CPU model)"})
-    dataset: str = field(default="DigitalLearningGmbH/MATH-lighteval", metadata={"help": "hub id (question|problem and solution|answer columns), local .jsonl/.json/.parquet, or `synthetic`"})
+    model: str = field(default="Qwen/Qwen2.5-3B-Instruct", metadata={"help": "hub id, local directory, or a built-in model: tiny (random weights), toy (the toy lab's)"})
+    dataset: str = field(default="DigitalLearningGmbH/MATH-lighteval", metadata={"help": "hub id, local .jsonl/.json/.parquet (question|problem and solution|answer columns), or synthetic|addition"})
     dataset_config: Optional[str] = field(default=None, metadata={"help": "hub dataset configuration name"})
     split: str = field(default="train", metadata={"help": "training split"})
-    levels: str = field(default="", metadata={"help": "difficulty levels trained on: '5', '3-5', '1,3' or 'all' (default: 5, the paper's; all for data without levels, e.g. GSM8K)"})
-    train_limit: int = field(default=0, metadata={"help": "train on at most this many questions (0: all)"})
+    levels: str = field(default="", metadata={"help": "difficulty levels trained on: 5, 3-5, 1,3 or all (default: 5, the paper's Figures 3-4; all for data without levels)"})
+    limit: int = field(default=0, metadata={"help": "train on at most this many questions (0: all)"})
     # ExPO: the positive sample of each question
-    sft_source: Literal["explanation", "expert", "none"] = field(default="explanation", metadata={"help": "positive sample: explanation = self-explanation (ExP-GRPO), expert = dataset solution (GRPO SFT-GT-CoT), none = plain GRPO"})
-    sft_coef: float = field(default=0.15, metadata={"help": "lambda: weight of the positive sample's mean token NLL"})
+    sft_source: Literal["explanation", "expert", "none"] = field(default="explanation", metadata={"help": "positive sample: explanation (ExP-GRPO), expert = the dataset's solution (GRPO SFT-GT-CoT), none (plain GRPO)"})
+    sft_coef: float = field(default=0.04, metadata={"help": "lambda, weight of the positive sample's mean token log-likelihood (arXiv v3, Table 5)"})
     sft_on: Literal["all", "unsolved"] = field(default="all", metadata={"help": "questions that get the SFT term: all, or only those whose G samples all failed"})
-    explanations: str = field(default="online", metadata={"help": "online (sampled each step by the current policy), offline (once by the initial policy, cached in OUTPUT_DIR/explanations.jsonl, reused on --resume), or a JSONL path of {question, explanation}"})
-    explanation_check: Literal["answer", "steps"] = field(default="answer", metadata={"help": "keep an explanation if its answer verifies (answer), or only if every step also passes the dataset's step checker (steps; `addition` has one): on-policy explanations learn to copy the given answer after wrong steps, and training on such unfaithful ones damages the model (../shared/TOYLAB.md)"})
-    sft_anchor: bool = field(default=False, metadata={"help": "also train each kept explanation under the explanation prompt (an extra SFT sequence): training the question prompt alone erodes the model's ability to explain, which is where the positive samples come from (TOYLAB)"})
+    explanations: str = field(default="offline", metadata={"help": "offline: once by the initial policy, cached for every run of the same model and data; online: each step; or a JSONL of {question, explanation}"})
+    explanation_check: Literal["answer", "steps"] = field(default="answer", metadata={"help": "keep an explanation if its answer verifies, or (steps) only if every step also passes the dataset's step checker (addition has one)"})
+    sft_anchor: bool = field(default=False, metadata={"help": "also train each kept explanation under the explanation prompt, so that RL does not erode the ability to explain"})
     # GRPO
     num_generations: int = field(default=8, metadata={"help": "G: completions sampled per question"})
     temperature: float = field(default=0.9, metadata={"help": "sampling temperature of completions and explanations"})
-    max_new_tokens: int = field(default=1024, metadata={"help": "longest completion or explanation; also Dr. GRPO's constant"})
-    min_new_tokens: int = field(default=0, metadata={"help": "force completion length (benchmarks): no EOS before this many tokens"})
+    max_new_tokens: int = field(default=1024, metadata={"help": "longest completion or explanation"})
+    min_new_tokens: int = field(default=0, metadata={"help": "no end token before this many tokens (benchmarks force lengths with it)"})
     beta: float = field(default=0.04, metadata={"help": "weight of the k3 KL to the initial model; 0 loads no reference model"})
     clip_eps: float = field(default=0.2, metadata={"help": "ratio clip: rho in [1 - clip_eps, 1 + clip_eps_high]"})
     clip_eps_high: Optional[float] = field(default=None, metadata={"help": "upper clip (DAPO's clip-higher); default clip_eps"})
-    num_iterations: int = field(default=1, metadata={"help": "optimizer steps per rollout batch; with 1 the ratio is 1, clipping never acts and the loss value is ~0 (its gradient is not)"})
-    loss_agg: Literal["seq-mean", "token-mean", "dr-grpo"] = field(default="seq-mean", metadata={"help": "seq-mean (GRPO), token-mean (DAPO) or dr-grpo (divide by a constant); always over the global batch"})
+    num_iterations: int = field(default=1, metadata={"help": "optimizer steps per rollout batch; with 1 the ratio is 1, clipping never acts, the loss is ~0 (its gradient is not)"})
+    loss_agg: Literal["seq-mean", "token-mean", "dr-grpo"] = field(default="seq-mean", metadata={"help": "seq-mean (GRPO), token-mean (DAPO) or dr-grpo (a constant divisor); always over the global batch"})
     scale_rewards: Literal["group", "none"] = field(default="group", metadata={"help": "divide advantages by the group's reward std (group) or not (none, Dr. GRPO)"})
     mask_truncated: bool = field(default=False, metadata={"help": "leave completions cut at max_new_tokens out of the policy loss"})
     # optimisation
-    batch_size: int = field(default=16, metadata={"help": "questions per step, all ranks together (each gets G completions)"})
+    batch_size: int = field(default=16, metadata={"help": "questions per step, all ranks together"})
     micro_batch_size: int = field(default=8, metadata={"help": "sequences per forward/backward pass on one rank"})
     gen_batch_size: int = field(default=64, metadata={"help": "sequences generated at once on one rank"})
     lr: float = field(default=3e-6, metadata={"help": "peak learning rate (AdamW)"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    warmup_ratio: float = field(default=0.1, metadata={"help": "fraction of optimizer steps of linear warm-up before the cosine decay"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
+    warmup_ratio: float = field(default=0.1, metadata={"help": "fraction of the steps of linear warm-up before the cosine decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0: none)"})
     epochs: int = field(default=3, metadata={"help": "passes over the training questions"})
     max_steps: int = field(default=0, metadata={"help": "stop after this many steps (0: epochs x questions / batch_size)"})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute activations in backward (less memory)"})
     bf16: Optional[bool] = field(default=None, metadata={"help": "compute in bf16 from fp32 master weights, gradients reduced in fp32 (default: on GPU, not on CPU)"})
-    max_bad_steps: int = field(default=10, metadata={"help": "stop (with a checkpoint of the last good state) after this many steps in a row with a non-finite loss or gradient"})
-    hybrid_shard: bool = field(default=False, metadata={"help": "multi-node: shard within each node, replicate across nodes (HSDP); default: shard across all ranks"})
+    max_bad_steps: int = field(default=10, metadata={"help": "stop, with a checkpoint of the last good state, after this many skipped (non-finite) steps in a row"})
+    hybrid_shard: bool = field(default=False, metadata={"help": "multi-node: shard within each node, replicate across nodes (HSDP)"})
     seed: int = field(default=0, metadata={"help": "seed of data order and sampling"})
     # logging, checkpoints, evaluation
     output_dir: str = field(default="runs/expo_grpo", metadata={"help": "metrics.jsonl, samples.jsonl, checkpoints, hf/ export"})
@@ -104,11 +108,12 @@ class Args:
     probe_answer_logprob: bool = field(default=False, metadata={"help": "also measure log p(a* | q, c) after the explanation vs after the model's own CoT (Lemma 2)"})
     log_samples: int = field(default=2, metadata={"help": "questions per step whose completion and explanation go to samples.jsonl"})
     eval_every: int = field(default=0, metadata={"help": "evaluate every this many steps and at the end (0: never)"})
-    eval_dataset: str = field(default="", metadata={"help": "evaluation data (default: the test split of --dataset)"})
+    eval_dataset: str = field(default="", metadata={"help": "evaluation data, as --dataset (default: the --eval_split split of --dataset)"})
+    eval_split: str = field(default="test", metadata={"help": "evaluation split"})
     eval_limit: int = field(default=500, metadata={"help": "evaluate on at most this many questions (0: all)"})
     eval_levels: str = field(default="all", metadata={"help": "difficulty levels evaluated, as --levels"})
-    eval_n: int = field(default=4, metadata={"help": "samples per evaluation question (pass@k for k <= n)"})
-    eval_temperature: float = field(default=0.7, metadata={"help": "evaluation sampling temperature (the paper: 0.7; 0: greedy, with --eval_n 1)"})
+    eval_num_samples: int = field(default=4, metadata={"help": "samples per evaluation question (pass@k for k <= n)"})
+    eval_temperature: float = field(default=0.7, metadata={"help": "evaluation sampling temperature (the paper: 0.7; 0: greedy)"})
     wandb_project: Optional[str] = field(default=None, metadata={"help": "also log to this wandb project"})
 
     def __post_init__(self):
@@ -132,16 +137,14 @@ def validate_args(args: Args, world_size: int) -> None:
         (args.max_new_tokens < 1, "--max_new_tokens must be >= 1"),
         (not 0 <= args.min_new_tokens <= args.max_new_tokens, "--min_new_tokens must be in [0, max_new_tokens]"),
         (not 0 <= args.warmup_ratio < 1, "--warmup_ratio must be in [0, 1)"),
-        (args.max_grad_norm <= 0, "--max_grad_norm must be > 0"),
+        (args.max_grad_norm < 0, "--max_grad_norm must be >= 0"),
         (args.max_steps < 0 or (args.max_steps == 0 and args.epochs < 1), "give --epochs >= 1 or --max_steps > 0"),
-        (min(args.save_every, args.probe_every, args.eval_every, args.eval_limit, args.train_limit) < 0,
-         "--save_every, --probe_every, --eval_every, --eval_limit and --train_limit must be >= 0"),
-        (min(args.save_total_limit, args.eval_n, args.max_bad_steps) < 1,
-         "--save_total_limit, --eval_n and --max_bad_steps must be >= 1"),
+        (min(args.save_every, args.probe_every, args.eval_every, args.eval_limit, args.limit) < 0,
+         "--save_every, --probe_every, --eval_every, --eval_limit and --limit must be >= 0"),
+        (min(args.save_total_limit, args.eval_num_samples, args.max_bad_steps) < 1,
+         "--save_total_limit, --eval_num_samples and --max_bad_steps must be >= 1"),
         (args.explanations not in ("online", "offline") and not os.path.isfile(args.explanations),
          f"--explanations must be online, offline or an existing JSONL file; {args.explanations!r} is none"),
-        (args.explanations != "online" and args.sft_source != "explanation",
-         "--explanations offline|PATH needs --sft_source explanation"),
         (args.probe_answer_logprob and args.sft_source != "explanation",
          "--probe_answer_logprob needs --sft_source explanation"),
         ((args.explanation_check != "answer" or args.sft_anchor) and args.sft_source != "explanation",
@@ -165,9 +168,9 @@ def validate_args(args: Args, world_size: int) -> None:
         raise SystemExit(f"expo_grpo.py: error: {e}")
 
 
-# ----------------------------------------------------------------------------------------------------
-# The algorithm: advantages, the policy loss, the SFT term on positive samples
-# ----------------------------------------------------------------------------------------------------
+# ====================================================================================================
+# ALGO LOGIC: the loss and its positive samples. Change these for an ablation.
+# ====================================================================================================
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool = True, eps: float = 1e-4):
@@ -248,23 +251,6 @@ def sft_loss(logps: torch.Tensor, mask: torch.Tensor, num_tokens=None) -> torch.
     return -(logps * mask).sum() / n
 
 
-def self_explanations(model, tokenizer, rows: list[dict], args: Args) -> list[dict]:
-    """c~ ~ pi(. | q, a*) for each row, and whether it may be trained on (`check_explanation`).
-
-    Returns [{"explanation": text, "completion_ids": ids up to EOS, "verified": 1.0 | 0.0}] in row order.
-    """
-    prompts = [explanation_prompt(tokenizer, r["question"], r["answer"]) for r in rows]
-    out = sample(model, tokenizer, prompts, n=1, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                 micro_batch_size=args.gen_batch_size, min_new_tokens=args.min_new_tokens, desc="explanations")
-    return explanation_records(rows, out, args)
-
-
-def explanation_records(rows: list[dict], out: dict, args: Args) -> list[dict]:
-    """`sample`'s output for the explanation prompts of `rows` -> the records `self_explanations` returns."""
-    return [{"explanation": text, "completion_ids": ids, "verified": check_explanation(text, row, args)}
-            for row, text, ids in zip(rows, out["texts"], out["completion_ids"])]
-
-
 def check_explanation(text: str, row: dict, args: Args) -> float:
     """1.0 if an explanation may be trained on: its last \\boxed{} verifies against a*, and with
     --explanation_check steps every step passes the dataset's answer-free step checker too (so an
@@ -275,9 +261,16 @@ def check_explanation(text: str, row: dict, args: Args) -> float:
     return ok
 
 
-# ----------------------------------------------------------------------------------------------------
+def explanation_records(rows: list[dict], out: dict) -> list[dict]:
+    """`sample`'s output for the explanation prompts of `rows` -> one record per row: the text, the token ids
+    as sampled (ending with EOS only if EOS was sampled) and `verified` (None: checked where it is used)."""
+    return [{"question": r["question"], "answer": r["answer"], "explanation": text, "completion_ids": ids,
+             "verified": None} for r, text, ids in zip(rows, out["texts"], out["completion_ids"])]
+
+
+# ====================================================================================================
 # One optimisation step on given rollouts (global-batch normalisation, micro-batches, FSDP)
-# ----------------------------------------------------------------------------------------------------
+# ====================================================================================================
 
 
 def make_micro_batches(rollouts: dict, micro_batch_size: int, pad_id: int, device) -> list[dict]:
@@ -303,7 +296,8 @@ def make_micro_batches(rollouts: dict, micro_batch_size: int, pad_id: int, devic
     return batches
 
 
-def train_on_rollouts(model, ref_model, optimizer, scheduler, rollouts: dict, args: Args, pad_id: int) -> dict:
+def train_on_rollouts(model, ref_model, optimizer, scheduler, rollouts: dict, args: Args, pad_id: int,
+                      state: dict | None = None) -> dict:
     """`args.num_iterations` optimizer steps of loss = grpo_loss + sft_coef * sft_loss on this rank's rollouts.
 
     rollouts: parallel lists over this rank's sequences, all under the question prompt:
@@ -314,7 +308,8 @@ def train_on_rollouts(model, ref_model, optimizer, scheduler, rollouts: dict, ar
     Returns metrics of the global batch (the same on every rank), averaged over iterations.
     """
     device = next(model.parameters()).device
-    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    state = {} if state is None else state
     model.train()  # whatever sampling or evaluation left: activation checkpointing recomputes only in training mode
     # Normalisers of the global batch (all ranks, all sequences), so the gradient does not depend on the split.
     lens, in_pg, in_sft = [len(c) for c in rollouts["completion_ids"]], rollouts["in_pg"], rollouts["in_sft"]
@@ -358,21 +353,10 @@ def train_on_rollouts(model, ref_model, optimizer, scheduler, rollouts: dict, ar
             sums["entropy"] += float((entropy * mb["pg_mask"]).sum())
             sums["entropy_tokens"] += float(mb["pg_mask"].sum())
             sums["train_tokens"] += float(mb["attention_mask"].sum())
-        sums["nonfinite"] = float(not math.isfinite(sums["policy_loss"] + sums["sft_loss"]))
+        finite = math.isfinite(sums["policy_loss"] + sums["sft_loss"])
         sums = all_reduce_dict(sums, op="sum")
         sums["entropy"] /= max(sums.pop("entropy_tokens"), 1.0)  # over the completion tokens passed through
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # DTensor under FSDP2
-        sums["grad_norm"] = float(grad_norm)
-        # the flag and the norm are global, so every rank skips the same steps
-        sums["skipped"] = float(sums["nonfinite"] > 0 or not math.isfinite(sums["grad_norm"]))
-        if sums["skipped"]:
-            print0(f"non-finite loss or gradient (loss {sums['policy_loss']} + {sums['sft_loss']}, grad norm "
-                   f"{sums['grad_norm']}): optimizer step skipped")
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()  # the schedule follows the step count, skipped steps included
+        sums.update(optimizer_step(model, optimizer, scheduler, finite, args.max_grad_norm, state))
         history.append(sums)
     out = {k: sum(h[k] for h in history) / len(history) for k in history[0]}
     out["skipped"] = sum(h["skipped"] for h in history)
@@ -380,9 +364,9 @@ def train_on_rollouts(model, ref_model, optimizer, scheduler, rollouts: dict, ar
     return out
 
 
-# ----------------------------------------------------------------------------------------------------
+# ====================================================================================================
 # The paper's two properties of a positive sample, measured live on the current policy
-# ----------------------------------------------------------------------------------------------------
+# ====================================================================================================
 
 
 @torch.no_grad()
@@ -440,70 +424,122 @@ def probe_positive_signal(model, encode, question_ids, rows, explanations, cot_t
     return out
 
 
-# ----------------------------------------------------------------------------------------------------
-# Plumbing: explanation cache, evaluation hook
-# ----------------------------------------------------------------------------------------------------
+# ====================================================================================================
+# PLUMBING: the explanation cache, evaluation, the loop. Leave these alone for an ablation.
+# ====================================================================================================
 
 
-def load_explanations(path: str, tokenizer) -> dict[str, dict]:
-    """question -> {"explanation", "completion_ids", "verified" (None: check at use)}.
+def explanation_cache_path(args: Args, tokenizer) -> str:
+    """CACHE_DIR/explanations/KEY.jsonl, KEY a hash of what decides an explanation: the model (its name and
+    the files of its directory), the explanation prompt, the sampling settings. Records are kept per
+    question, so every arm and seed of the same model finds the explanations of the questions it uses."""
+    path = resolve_model_path(args.model)
+    files = sorted((f, os.path.getsize(os.path.join(path, f)), os.path.getmtime(os.path.join(path, f)))
+                   for f in os.listdir(path)) if os.path.isdir(path) else []
+    key = json.dumps({"model": args.model, "files": files, "prompt": explanation_prompt(tokenizer, "Q?", "A!"),
+                      "sampling": [args.temperature, args.max_new_tokens, args.min_new_tokens]})
+    return os.path.join(CACHE_DIR, "explanations", hashlib.sha256(key.encode()).hexdigest()[:16] + ".jsonl")
 
-    A record written by this script keeps the ids that were sampled (EOS only if it was sampled); a record
-    with text only (an explanation set from elsewhere, a complete answer) is tokenised once, plus EOS.
+
+def read_explanations(path: str, tokenizer) -> dict[str, dict]:
+    """question -> record {question, explanation, completion_ids, verified (None: check at use), ...}.
+
+    A record written here keeps the ids that were sampled (EOS only if it was sampled); a record with text
+    only (an explanation set from elsewhere: a complete answer) is tokenised once, plus EOS.
     """
     with open(path) as f:
         records = [json.loads(line) for line in f if line.strip()]
     texts = [r for r in records if "completion_ids" not in r]
     ids = iter(tokenizer([r["explanation"] for r in texts], add_special_tokens=False)["input_ids"] if texts else [])
-    return {r["question"]: {"explanation": r["explanation"], "verified": r.get("verified"),
-                            "completion_ids": r["completion_ids"] if "completion_ids" in r
-                            else next(ids) + [tokenizer.eos_token_id]} for r in records}
+    bank = {}
+    for r in records:
+        ids_r = r["completion_ids"] if "completion_ids" in r else next(ids) + [tokenizer.eos_token_id]
+        bank.setdefault(r["question"], {**r, "completion_ids": ids_r, "verified": r.get("verified")})
+    return bank
+
+
+def offline_explanations(model, tokenizer, rows: list[dict], args: Args) -> tuple[dict, str]:
+    """The explanation of each row by the initial policy, from the cache or sampled now (and added to it).
+
+    One run at a time fills a cache file (a file lock held by rank 0), so arms started together sample each
+    explanation once. Sampling runs on its own random stream, so a run draws the same samples afterwards
+    whether the cache was warm or cold. Returns {question: record} and a line saying what happened.
+    """
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    path = explanation_cache_path(args, tokenizer)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    lock = open(path + ".lock", "w") if rank == 0 else None
+    if lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+    gather_objects(None)  # the other ranks wait for the lock too
+    bank = read_explanations(path, tokenizer) if os.path.exists(path) else {}
+    missing = list({r["question"]: r for r in rows if r["question"] not in bank}.values())
+    mine = missing[rank::world]
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+        torch.manual_seed(args.seed * 7919 + rank)
+        out = sample(model, tokenizer, [explanation_prompt(tokenizer, r["question"], r["answer"]) for r in mine],
+                     n=1, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                     micro_batch_size=args.gen_batch_size, min_new_tokens=args.min_new_tokens, desc="explanations")
+    new = [rec for part in gather_objects(explanation_records(mine, out)) for rec in part]
+    if rank == 0:
+        with open(path, "a") as f:
+            f.writelines(json.dumps({k: v for k, v in rec.items() if k != "verified"}) + "\n" for rec in new)
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        lock.close()
+    bank.update({rec["question"]: rec for rec in new})
+    return bank, f"{len(rows) - len(missing)} cached, {len(missing)} sampled now -> {path}"
 
 
 def run_eval(model, tokenizer, rows: list[dict], args: Args) -> dict:
     """eval.py's accuracy and pass@k on held-out questions, overall and per level, as eval/<key>."""
     from eval import evaluate, scalar_metrics
 
-    summary, _ = evaluate(model, tokenizer, rows, n=args.eval_n, temperature=args.eval_temperature,
+    summary, _ = evaluate(model, tokenizer, rows, n=args.eval_num_samples, temperature=args.eval_temperature,
                           max_new_tokens=args.max_new_tokens, micro_batch_size=args.gen_batch_size)
     return scalar_metrics(summary, prefix="eval/")
 
 
-if __name__ == "__main__":
+def load_data(args: Args) -> tuple[list[dict], list[dict], dict]:
+    """Training and evaluation rows, before any model: a bad file fails in seconds, with one line."""
+    try:
+        rows, stats = load_problems(args.dataset, split=args.split, config=args.dataset_config,
+                                    levels=parse_levels(args.levels or "5"), limit=args.limit or None, seed=args.seed,
+                                    levels_flag=f"--levels {args.levels}" if args.levels else None)
+        if len(rows) < args.batch_size:
+            raise ValueError(f"{len(rows)} training questions ({dict(stats)}) cannot fill --batch_size {args.batch_size}")
+        eval_rows = load_problems(args.eval_dataset or args.dataset, split=args.eval_split, seed=args.seed,
+                                  config=None if args.eval_dataset else args.dataset_config,
+                                  limit=args.eval_limit or None, levels=parse_levels(args.eval_levels))[0] \
+            if args.eval_every else []
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"expo_grpo.py: error: {e}")
+    return rows, eval_rows, dict(stats)
+
+
+def main():
     from transformers import HfArgumentParser
 
     args = HfArgumentParser(Args).parse_args_into_dataclasses()[0]
     validate_args(args, int(os.environ.get("WORLD_SIZE", 1)))
-    dist_info = init_distributed()
-    rank, world_size, device = dist_info.rank, dist_info.world_size, dist_info.device
+    rows, eval_rows, data_stats = load_data(args)
+    info = init_distributed()
+    rank, world_size, device = info.rank, info.world_size, info.device
     seed_everything(args.seed, rank)
-    try:  # the data before any model: a bad file fails in seconds, with one line
-        rows, data_stats = load_problems(args.dataset, split=args.split, config=args.dataset_config,
-                                         levels=parse_levels(args.levels or "5"), limit=args.train_limit or None,
-                                         seed=args.seed, levels_flag=f"--levels {args.levels}" if args.levels else None)
-        if len(rows) < args.batch_size:
-            raise ValueError(f"{len(rows)} training questions ({dict(data_stats)}) cannot fill --batch_size {args.batch_size}")
-        eval_rows = []
-        if args.eval_every:
-            eval_rows, _ = load_problems(args.eval_dataset or args.dataset, split="test", limit=args.eval_limit or None,
-                                         config=None if args.eval_dataset else args.dataset_config, seed=args.seed,
-                                         levels=parse_levels(args.eval_levels))
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"expo_grpo.py: error: {e}")
 
-    # ---- derived sizes, in one place
+    # ---- derived sizes, in one place, and the plan
     G = args.num_generations
-    questions_per_rank = args.batch_size // world_size
+    nq = args.batch_size // world_size  # questions per rank
     steps_per_epoch = len(rows) // args.batch_size
     total_steps = args.max_steps or args.epochs * steps_per_epoch
     has_positive = args.sft_source != "none"
-    print0(f"ExP-GRPO, sft_source {args.sft_source} | world size {world_size} | per step: {args.batch_size} questions "
-           f"({questions_per_rank} per rank) x G {G} = {args.batch_size * G} completions"
-           f"{f' + up to {args.batch_size} positive samples' if has_positive else ''}, micro-batches of "
-           f"{args.micro_batch_size} sequences, {args.num_iterations} optimizer update(s) | {total_steps} steps "
-           f"({len(rows)} questions, {steps_per_epoch} steps per epoch) | beta {args.beta}"
-           f"{' (no reference model)' if args.beta == 0 else ''} | loss {args.loss_agg}")
-    print0(f"data: {len(rows)} questions from {args.dataset} ({dict(data_stats)})")  # rows skipped, and why
+    positive = {"explanation": f"self-explanations ({args.explanations}, check: {args.explanation_check})",
+                "expert": "the dataset's solutions", "none": "none"}[args.sft_source]
+    print0(f"ExP-GRPO | world size {world_size} | per step: {args.batch_size} questions ({nq} per rank) x G {G} = "
+           f"{args.batch_size * G} completions of at most {args.max_new_tokens} tokens | positive samples: {positive}, "
+           f"lambda {args.sft_coef} | {args.num_iterations} update(s) per batch, micro-batches of "
+           f"{args.micro_batch_size} | beta {args.beta}{' (no reference model)' if args.beta == 0 else ''} | loss "
+           f"{args.loss_agg} | {total_steps} steps ({steps_per_epoch} per epoch)")
+    print0(f"data: {len(rows)} questions from {args.dataset} ({data_stats})")  # rows skipped, and why
 
     # ---- models, optimizer, schedule, resume
     try:
@@ -519,73 +555,62 @@ if __name__ == "__main__":
     ref_model = shard_model(ref_model, device, mesh, trainable=False, bf16=args.bf16) if ref_model is not None else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = cosine_schedule(optimizer, total_steps * args.num_iterations, args.warmup_ratio)
-    start_step, skipped_steps, bad_in_a_row = 0, 0, 0
+    start_step, state = 0, {"skipped_steps": 0, "bad_in_a_row": 0}
     if args.resume:
-        state = load_checkpoint(latest_checkpoint(args.output_dir), model, optimizer, scheduler)
-        start_step, skipped_steps, bad_in_a_row = state["step"], state.get("skipped_steps", 0), state.get("bad_in_a_row", 0)
+        try:
+            state.update(load_checkpoint(latest_checkpoint(args.output_dir), model, optimizer, scheduler))
+        except LoadError as e:
+            raise SystemExit(f"expo_grpo.py: error: {e}")
+        start_step = state.pop("step")
         print0(f"resumed from step {start_step}")
     logger = MetricsLogger(args.output_dir, config=asdict(args), wandb_project=args.wandb_project,
-                           resume_step=start_step - 1 if args.resume else None,
+                           resume_step=start_step if args.resume else None,
                            show=("reward", "solved", "zero_spread", "expl_verified", "sft_used", "sft_loss", "kl",
                                  "grad_norm", "lr", "sample_tok_s", "train_tok_s"))
 
-    # ---- offline explanations: once, by the initial policy, for the questions this run will see
-    bank = None  # question -> explanation, when not sampled online
+    # ---- offline explanations: by the initial policy, for the questions this run will see
+    bank = None  # question -> explanation record, when not sampled online
     if args.sft_source == "explanation" and args.explanations != "online":
-        path = args.explanations
+        used = rows if total_steps >= steps_per_epoch else [
+            r for s in range(1, total_steps + 1) for r in global_batch(rows, s, args.batch_size, args.seed)]
         if args.explanations == "offline":
-            path = os.path.join(args.output_dir, "explanations.jsonl")
-            if not (args.resume and os.path.exists(path)):
-                used = rows if total_steps >= steps_per_epoch else [
-                    r for s in range(total_steps) for r in global_batch(rows, s, args.batch_size, args.seed)]
-                mine = used[rank::world_size]
-                explained = self_explanations(model, tokenizer, mine, args)
-                records = [{"question": r["question"], "answer": r["answer"], "explanation": e["explanation"],
-                            "completion_ids": e["completion_ids"], "verified": e["verified"]}
-                           for r, e in zip(mine, explained)]
-                records = [rec for part in gather_objects(records) for rec in part]
-                if rank == 0:
-                    with open(path, "w") as f:
-                        f.writelines(json.dumps(rec) + "\n" for rec in records)
-                print0(f"{len(records)} offline explanations, "
-                       f"{sum(r['verified'] for r in records) / len(records):.1%} verified -> {path}")
-                dist.barrier()
-        bank = load_explanations(path, tokenizer)
+            bank, how = offline_explanations(model, tokenizer, used, args)
+        else:
+            bank, how = read_explanations(args.explanations, tokenizer), f"from {args.explanations}"
+        print0(f"offline explanations for {len(used)} questions: {how}")
 
-    for step in range(start_step, total_steps):
+    for step in range(start_step + 1, total_steps + 1):
         step_start = time.perf_counter()
         batch = global_batch(rows, step, args.batch_size, args.seed)[rank::world_size]
-        nq = len(batch)
 
-        # ---- 1. G completions per question under the question prompt, rewarded by math-verify
         with Timer() as t_sample:
-            # online self-explanations (step 2) are generated in the same call: one rollout instead of two
+            # ---- 1. prompts: the question for G completions; online, the explanation prompt too (one rollout)
             online = args.sft_source == "explanation" and bank is None
             prompts = [question_prompt(tokenizer, r["question"]) for r in batch]
             prompts += [explanation_prompt(tokenizer, r["question"], r["answer"]) for r in batch] if online else []
+            # ---- 2. sample
             out = sample(model, tokenizer, prompts, n=[G] * nq + [1] * (len(prompts) - nq),
                          max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                          micro_batch_size=args.gen_batch_size, min_new_tokens=args.min_new_tokens)
+            decoding = out.pop("stats")  # decoded token slots and useful tokens (pad_waste)
             explanation_out = {k: v[nq * G :] for k, v in out.items()}
             out = {k: v[: nq * G] for k, v in out.items()}
-            rewards = torch.tensor([verify_answer(text, batch[j // G]["answer"])
-                                    for j, text in enumerate(out["texts"])])  # (nq*G,)
+            # ---- 3. reward and advantages
+            scores, verify_stats = score_answers(out["texts"], [batch[j // G]["answer"] for j in range(nq * G)])
+            rewards = torch.tensor(scores)  # (nq*G,)
             advantages = group_advantages(rewards, G, scale_by_std=args.scale_rewards == "group")  # (nq*G,)
             solved = rewards.view(nq, G).amax(dim=1) > 0  # (nq,)
             question_ids = [out["prompt_ids"][i * G] for i in range(nq)]
-
-            # ---- 2. a self-explanation per question, c~ ~ pi(. | q, a*), kept only if it reaches a*
+            # ---- 4. a self-explanation per question, c~ ~ pi(. | q, a*), kept only if it reaches a*
             explanations = None
             if args.sft_source == "explanation":
-                if online:
-                    explanations = explanation_records(batch, explanation_out, args)
-                else:
-                    explanations = [bank.get(r["question"]) for r in batch]
-                    for e, row in zip(explanations, batch):
-                        if e is not None and e["verified"] is None:
-                            e["verified"] = check_explanation(e["explanation"], row, args)
+                explanations = (explanation_records(batch, explanation_out) if online
+                                else [bank.get(r["question"]) for r in batch])
+                for e, row in zip(explanations, batch):
+                    if e is not None and e["verified"] is None:
+                        e["verified"] = check_explanation(e["explanation"], row, args)
 
-        # ---- 3. the positive sample of each question, trained as an answer to the QUESTION prompt
+        # ---- 5. the positive sample of each question, trained as an answer to the QUESTION prompt
         positives = []  # token ids of (c~, a*) or of the expert solution; None when the question gets no SFT term
         for i, row in enumerate(batch):
             ids = None
@@ -610,18 +635,16 @@ if __name__ == "__main__":
             rollouts["in_pg"] += [False] * nq
             rollouts["in_sft"] += [ids is not None for ids in positives]
 
-        # ---- 4. the paper's two properties, on the policy that sampled this batch
+        # ---- 6. the paper's two properties, on the policy that sampled this batch
         probe = {}
         if args.probe_every and step % args.probe_every == 0:
             probe = probe_positive_signal(model, encode, question_ids, batch, explanations,
                                           [out["texts"][i * G] for i in range(nq)], args, eos_id, pad_id)
 
-        # ---- 5. optimise loss = grpo_loss + sft_coef * sft_loss, num_iterations updates
+        # ---- 7. optimise loss = grpo_loss + sft_coef * sft_loss, num_iterations updates
         lr = scheduler.get_last_lr()[0]
         with Timer() as t_train:
-            train = train_on_rollouts(model, ref_model, optimizer, scheduler, rollouts, args, pad_id)
-        skipped_steps += int(train["skipped"])
-        bad_in_a_row = bad_in_a_row + 1 if train["skipped"] else 0  # the same on every rank: the flag is all-reduced
+            train = train_on_rollouts(model, ref_model, optimizer, scheduler, rollouts, args, pad_id, state)
 
         # ---- metrics of the global batch
         completion_tokens = sum(len(c) for c in out["completion_ids"])
@@ -635,58 +658,41 @@ if __name__ == "__main__":
             "explanation_tokens": float(explanation_tokens),
             "sft_used": float(sum(ids is not None for ids in positives)),
             "positive_tokens": float(sum(len(ids) for ids in positives if ids is not None)),
-            "gen_tokens": float(completion_tokens + (explanation_tokens if bank is None else 0)),
-            "sample_seconds": t_sample.seconds, "train_seconds": t_train.seconds,
-            "verify_timeouts": float(VERIFY_STATS["timeouts"]), "verify_errors": float(VERIFY_STATS["errors"]),
-            # answers too long or too complex for sympy (10^{10^{10}}): 0 unless the very string of the gold
-            "verify_prefiltered": float(VERIFY_STATS["too_long"] + VERIFY_STATS["too_complex"]),
+            "gen_tokens": float(completion_tokens + (explanation_tokens if online else 0)),
+            "sample_seconds": t_sample.seconds, "train_seconds": t_train.seconds, **verify_stats,
+            "decoded_slots": float(decoding["decoded_slots"]), "useful_tokens": float(decoding["useful_tokens"]),
         }, op="sum")
         metrics = {
             "reward": tot["reward"] / tot["completions"],
             "zero_spread": tot["zero_spread"] / tot["questions"],  # groups with equal rewards: no GRPO signal
             "solved": tot["solved"] / tot["questions"],  # questions with at least one correct sample
             "sft_used": tot["sft_used"] / tot["questions"],  # questions with a positive sample in the SFT term
-            "policy_loss": train["policy_loss"], "sft_loss": train["sft_loss"], "kl": train["kl"],
-            "clip_frac": train["clip_frac"], "entropy": train["entropy"], "grad_norm": train["grad_norm"], "lr": lr,
+            **{k: train[k] for k in ("policy_loss", "sft_loss", "kl", "clip_frac", "entropy", "grad_norm")}, "lr": lr,
             "completion_len": tot["completion_tokens"] / tot["completions"],
             "truncated": tot["truncated"] / tot["completions"],
+            "pad_waste": 1 - tot["useful_tokens"] / max(tot["decoded_slots"], 1),  # decoded slots of ended rows
             "sample_tok_s": tot["gen_tokens"] / (tot["sample_seconds"] / world_size),
             "train_tok_s": train["train_tokens"] / (tot["train_seconds"] / world_size),
-            "step_seconds": time.perf_counter() - step_start, "skipped_steps": skipped_steps,
-            "verify_timeouts": tot["verify_timeouts"], "verify_errors": tot["verify_errors"],
-            "verify_prefiltered": tot["verify_prefiltered"], **probe,
+            "step_seconds": time.perf_counter() - step_start, **{k: tot[k] for k in verify_stats}, **probe,
         }
         if tot["expl_sampled"]:
             metrics["expl_verified"] = tot["expl_verified"] / tot["expl_sampled"]
             metrics["explanation_len"] = tot["explanation_tokens"] / tot["expl_sampled"]
         if tot["sft_used"]:
             metrics["positive_len"] = tot["positive_tokens"] / tot["sft_used"]
-        shown = []
-        for i in range(min(args.log_samples, nq)):
-            e = explanations[i] if explanations else None
-            shown.append({"question": batch[i]["question"], "answer": batch[i]["answer"],
-                          "completion": out["texts"][i * G], "reward": float(rewards[i * G]),
-                          "explanation": e and e["explanation"], "explanation_verified": e and e["verified"]})
-        logger.log_samples(step, shown)
+        logger.log_samples(step, [
+            {"question": batch[i]["question"], "answer": batch[i]["answer"], "completion": out["texts"][i * G],
+             "reward": float(rewards[i * G]), "explanation": explanations[i] and explanations[i]["explanation"],
+             "explanation_verified": explanations[i] and explanations[i]["verified"]} if explanations else
+            {"question": batch[i]["question"], "answer": batch[i]["answer"], "completion": out["texts"][i * G],
+             "reward": float(rewards[i * G])} for i in range(min(args.log_samples, nq))])
+        end_of_step(step, total_steps, metrics, args, model, tokenizer, optimizer, scheduler, logger, state,
+                    evaluate=lambda: run_eval(model, tokenizer, eval_rows, args))
 
-        # ---- evaluation, then the step's row, then the checkpoint: a run killed in between redoes the
-        # step from the previous checkpoint (no missing or duplicated row), and the saved random state
-        # already includes what evaluation drew, so a resumed run samples what an uninterrupted one does
-        last = step + 1 == total_steps
-        if args.eval_every and ((step + 1) % args.eval_every == 0 or last):
-            metrics.update(run_eval(model, tokenizer, eval_rows, args))
-        logger.log(step, metrics)
-        stop = bad_in_a_row >= args.max_bad_steps
-        if (args.save_every and (step + 1) % args.save_every == 0) or last or stop:
-            save_checkpoint(args.output_dir, step + 1, model, optimizer, scheduler, save_total_limit=args.save_total_limit,
-                            extra={"skipped_steps": skipped_steps, "bad_in_a_row": bad_in_a_row})
-            export_hf(model, tokenizer, os.path.join(args.output_dir, "hf"))
-        if stop:  # the skipped steps left the parameters alone: the checkpoint holds the last good state
-            print0(f"stopping: {bad_in_a_row} steps in a row with a non-finite loss or gradient (--max_bad_steps "
-                   f"{args.max_bad_steps}); the last good parameters are in checkpoint-{step + 1} and hf/")
-            dist.destroy_process_group()
-            sys.exit(1)
-
-    print0(f"done: {total_steps} steps, {skipped_steps} optimizer updates skipped (non-finite), "
+    print0(f"done: {total_steps} steps, {state['skipped_steps']} optimizer updates skipped (non-finite), "
            f"model in {os.path.join(args.output_dir, 'hf')}")
-    dist.destroy_process_group()
+    cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()

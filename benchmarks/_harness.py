@@ -20,7 +20,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS
 # Every answer verifies: with a random-weight model no explanation ever reaches a*, so without this the
 # ExP-GRPO arm would never train on one and its cost would be understated. Rewards being all 1 changes
 # no amount of work (the policy loss is computed the same way), so both arms run with it.
-ALL_VERIFIED = "import common; common.verify_answer = lambda *a, **k: 1.0; "
+ALL_VERIFIED = "import common; common.verify_answer = lambda *a, **k: 1.0; common.check_answer = lambda *a, **k: (1.0, None); "
 
 
 def run_expo(args: list[str], warmup: int, all_verified: bool = False, timeout: int = 900) -> list[float]:

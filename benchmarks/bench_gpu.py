@@ -42,6 +42,7 @@ def main():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     import common
+    import toy  # noqa: F401  (registers the tiny model and the synthetic data)
     import expo_grpo
 
     info = common.init_distributed()

@@ -34,6 +34,7 @@ def build_model(a):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     import common
+    import toy  # noqa: F401  (registers the tiny model and the synthetic data)
 
     tokenizer = common.load_tokenizer("tiny")
     torch.manual_seed(0)  # the same weights on every rank
@@ -50,6 +51,7 @@ def worker(a) -> None:
     import torch
 
     import common
+    import toy  # noqa: F401  (registers the tiny model and the synthetic data)
 
     torch.set_num_threads(1)
     model, tokenizer = build_model(a)

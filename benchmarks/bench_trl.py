@@ -1,6 +1,6 @@
 """Benchmark 1: step time of `expo_grpo.py --sft_source none` against trl's GRPOTrainer, one CPU process each.
 
-Same tiny model (common.build_tiny_model), same synthetic prompts under the same chat template, same G, batch,
+Same tiny model (toy.build_tiny_model), same synthetic prompts under the same chat template, same G, batch,
 micro-batch, beta 0.04, lr, clip, temperature, seq-mean loss, fp32, gradient checkpointing on in both, and the
 same completion length in both (min_new_tokens = max_new_tokens). Runs alternate expo, trl, expo, trl...;
 each run's first `--warmup` optimizer steps are dropped, the rest are timed, and the table gives the medians
@@ -30,9 +30,10 @@ def trl_worker(a) -> None:
     from trl import GRPOConfig, GRPOTrainer
 
     import common
+    import toy  # noqa: F401  (registers the tiny model and the synthetic data)
 
     torch.manual_seed(0)
-    path = common.build_tiny_model()
+    path = toy.build_tiny_model()
     tokenizer = common.load_tokenizer(path)
     rows, _ = common.load_problems("synthetic", levels=common.parse_levels(a.levels), seed=0)
     data = Dataset.from_list([{"prompt": common.question_prompt(tokenizer, r["question"]), "answer": r["answer"]}

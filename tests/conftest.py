@@ -9,6 +9,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import toy  # noqa: E402,F401  (registers the built-in models and data sets: --model tiny, --dataset synthetic...)
 SHARED_DATA = os.path.join(ROOT, "..", "shared", "data")
 
 
@@ -18,14 +19,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def torchrun_cmd(script: str, args: list[str], nproc: int = 2, nnodes: int = 1, node_rank: int = 0,
+                 port: int | None = None) -> list[str]:
+    """The command line that launches `script` (relative to the repo root, or a path) on gloo ranks."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes), "--nproc_per_node", str(nproc),
+            "--node_rank", str(node_rank), "--master_addr", "127.0.0.1", "--master_port", str(port or free_port()),
+            script, *args]
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": ROOT}
+
+
 def run_torchrun(script: str, args: list[str], nproc: int = 2, timeout: int = 300, env: dict | None = None,
                  check: bool = True) -> subprocess.CompletedProcess:
-    """Launch `script` (relative to the repo root, or a path) on `nproc` gloo ranks with torchrun."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), script, *args]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-                "PYTHONPATH": ROOT, **(env or {})}
-    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    """Run `script` on `nproc` ranks to the end; with `check`, fail the test with its output if it failed."""
+    cmd = torchrun_cmd(script, args, nproc)
+    proc = subprocess.run(cmd, cwd=ROOT, env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
@@ -33,9 +42,7 @@ def run_torchrun(script: str, args: list[str], nproc: int = 2, timeout: int = 30
 
 @pytest.fixture(scope="session")
 def tiny_path():
-    import common
-
-    return common.build_tiny_model()
+    return toy.build_tiny_model()
 
 
 @pytest.fixture(scope="session")
@@ -71,15 +78,11 @@ def write_jsonl(path, rows) -> str:
 
 def math_rows(n: int = 16, seed: int = 0) -> list[dict]:
     """Rows in the MATH file format (problem, solution with the answer in \\boxed{}, level "Level k", type)."""
-    import common
-
     return [{"problem": r["question"], "solution": r["solution"], "level": f"Level {r['level']}", "type": "Algebra"}
-            for r in common.synthetic_problems(n, seed=seed, levels=[5])]
+            for r in toy.synthetic_problems(n, seed=seed, levels=[5])]
 
 
 def gsm8k_rows(n: int = 16, seed: int = 0) -> list[dict]:
     """Rows in the GSM8K file format (question, answer = rationale with <<calc>> notes and `#### N`), no levels."""
-    import common
-
     return [{"question": r["question"], "answer": r["solution"].replace("\\boxed{", "<<x>>").rstrip("}.")
-             .replace("The answer is <<x>>", "#### ")} for r in common.synthetic_problems(n, seed=seed, levels=[1])]
+             .replace("The answer is <<x>>", "#### ")} for r in toy.synthetic_problems(n, seed=seed, levels=[1])]

@@ -42,6 +42,7 @@ def build_hub_model(path: str, seed: int = 0) -> str:
     from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
     import common
+    import toy
 
     if os.path.exists(os.path.join(path, "config.json")):
         return path
@@ -50,7 +51,7 @@ def build_hub_model(path: str, seed: int = 0) -> str:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     corpus = [DEFAULT_SYSTEM, common.SYSTEM_PROMPT, r"\frac{1}{2} \sqrt{3} \boxed{5} x^2 + y^2 = z^2"]
-    for row in common.synthetic_problems(500, seed=seed):
+    for row in toy.synthetic_problems(500, seed=seed):
         corpus += [row["question"], row["solution"], common.EXPLAIN_SENTENCE.format(answer=row["answer"])]
     tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=600, special_tokens=specials,
                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import common
+import toy
 from conftest import SHARED_DATA, run_torchrun
 
 # ---------------------------------------------------------------- answers
@@ -109,7 +110,7 @@ def test_load_problems_local_file(tmp_path):
 
 
 def test_synthetic_problems_are_solvable_and_levelled():
-    rows = common.synthetic_problems(50, seed=3)
+    rows = toy.synthetic_problems(50, seed=3)
     assert {r["level"] for r in rows} == {1, 2, 3, 4, 5}
     for r in rows:
         assert common.extract_boxed(r["solution"]) == r["answer"]
@@ -118,8 +119,8 @@ def test_synthetic_problems_are_solvable_and_levelled():
 
 def test_global_batch_covers_each_row_once_per_epoch():
     rows = list(range(12))
-    epoch0 = [x for s in range(3) for x in common.global_batch(rows, s, 4, seed=0)]
-    epoch1 = [x for s in range(3, 6) for x in common.global_batch(rows, s, 4, seed=0)]
+    epoch0 = [x for s in range(1, 4) for x in common.global_batch(rows, s, 4, seed=0)]  # steps count from 1
+    epoch1 = [x for s in range(4, 7) for x in common.global_batch(rows, s, 4, seed=0)]
     assert sorted(epoch0) == rows and sorted(epoch1) == rows and epoch0 != epoch1
 
 
@@ -237,7 +238,7 @@ def test_sample_shapes_and_eos(tiny):
 
 
 def test_two_rank_fsdp_step_sampling_checkpoint_export(tmp_path):
-    proc = run_torchrun("tests/common_worker.py", [str(tmp_path)], nproc=2)
+    proc = run_torchrun("tests/workers/common_worker.py", [str(tmp_path)], nproc=2)
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["sample_lengths"] == [[4, 4], [24, 24]], proc.stdout
     assert result["loss_decreased"]

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 import common
+import toy
 import expo_dpo
-from conftest import run_torchrun
+from conftest import read_jsonl, run_torchrun
 
 # ----------------------------------------------------------------------------------------------------
 # dpo_loss
@@ -125,7 +126,7 @@ def tokenizer(tiny_path):
 def test_build_pairs_with_stubbed_sampler(tokenizer):
     sampler = StubSampler()
     pairs, stats = expo_dpo.build_pairs(list(ROWS.items()), tokenizer, sampler, "explanation",
-                                        num_samples=3, num_explanations=2)
+                                        num_generations=3, num_explanations=2)
     by_qid = {p["qid"]: p for p in pairs}
     assert sorted(by_qid) == [10, 12]
     assert by_qid[10]["chosen"] == "5 + 2 ... \\boxed{7}" and by_qid[10]["rejected"] == "so \\boxed{9}"
@@ -165,7 +166,7 @@ def test_build_pairs_expert_uses_the_dataset_solution(tokenizer):
 def test_build_pairs_with_the_real_tiny_model_skips_unverified_explanations(tiny, tokenizer):
     # random weights never write the gold \boxed{}: every question has a wrong CoT, no explanation verifies
     model, _ = tiny
-    rows = common.synthetic_problems(3, seed=5)
+    rows = toy.synthetic_problems(3, seed=5)
     sampler = lambda prompts, n: common.sample(model, tokenizer, prompts, n=n, max_new_tokens=8)  # noqa: E731
     # 8 new tokens: every wrong CoT is cut, so by default no question gets as far as an explanation
     pairs, stats = expo_dpo.build_pairs(list(enumerate(rows)), tokenizer, sampler, "explanation", 2, 1)
@@ -210,12 +211,12 @@ def test_rank_micro_batches_same_count_on_every_rank_each_pair_once():
 
 
 BAD_FLAGS = [
-    (dict(batch_size=6), 4, "not divisible by the world size"),
+    (dict(batch_size=6), 4, "multiple of the world size"),
     (dict(batch_size=8, micro_batch_size=3), 2, "micro_batch_size"),
     (dict(beta=-0.1), 1, "--beta"),
     (dict(beta=0.0), 1, "--beta"),
     (dict(lr=-1e-6), 1, "--lr"),
-    (dict(num_samples=0), 1, "--num_samples"),
+    (dict(num_generations=0), 1, "--num_generations"),
     (dict(chosen="gold"), 1, "--chosen"),
     (dict(regen_every=-1), 1, "--regen_every"),
     (dict(temperature=0.0), 1, "--temperature"),
@@ -229,7 +230,7 @@ BAD_FLAGS = [
 @pytest.mark.parametrize("overrides,world,message", BAD_FLAGS)
 def test_validate_args_rejects(overrides, world, message, tmp_path):
     args = expo_dpo.Args(output_dir=str(tmp_path), **overrides)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(SystemExit, match=message):
         expo_dpo.validate_args(args, world)
 
 
@@ -296,13 +297,10 @@ def test_two_ranks_give_the_gradient_of_one_rank(tmp_path, tiny_path):
 # ----------------------------------------------------------------------------------------------------
 
 TINY = ["--model", "tiny", "--dataset", "synthetic", "--limit", "12", "--batch_size", "4", "--micro_batch_size", "2",
-        "--num_samples", "2", "--max_new_tokens", "16", "--gen_batch_size", "8", "--lr", "1e-4", "--save_every", "1",
+        "--num_generations", "2", "--max_new_tokens", "16", "--gen_batch_size", "8", "--lr", "1e-4", "--save_every", "1",
         "--no_gradient_checkpointing", "--rejected_truncated", "keep"]  # random weights never end a response
 
 
-def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(ln) for ln in f if ln.strip()]
 
 
 def assert_finite(rows):
@@ -324,9 +322,9 @@ def test_offline_run_checkpoint_and_resume(tmp_path, tiny_path):
     assert_finite(rows)
     # synthetic levels 1-5 in 12 questions (3 steps an epoch, so 4 steps use all 12), random weights: every CoT
     # wrong, every solution present
-    assert rows[0]["pairs/built"] == 12 and rows[0]["pairs/skipped"] == 0 and rows[0]["pairs/rounds_built"] == 1
-    assert "pairs/built" not in rows[1]  # offline: built once
-    assert rows[0]["pairs/in_step"] == 4
+    assert rows[0]["pairs_built"] == 12 and rows[0]["pairs_skipped"] == 0 and rows[0]["rounds_built"] == 1
+    assert "pairs_built" not in rows[1]  # offline: built once
+    assert rows[0]["pairs_in_step"] == 4
     # the reference is the initial policy, so the first step's loss is log 2
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)
     assert rows[1]["loss"] < math.log(2)  # one step of lr 1e-4 already separates the pairs
@@ -339,7 +337,7 @@ def test_offline_run_checkpoint_and_resume(tmp_path, tiny_path):
 
     # resume for 2 more steps; one pair of the last step gets a NaN reference log-prob, so that step's
     # loss is NaN on one rank: the step must be skipped on both ranks together, and counted
-    last_step_qids = common.global_batch(list(range(12)), 3, 4, seed=42)  # the seed is Args' default
+    last_step_qids = common.global_batch(list(range(12)), 4, 4, seed=0)  # the seed is Args' default
     poisoned = [{**p, "ref_chosen_logp": float("nan")} if p["qid"] == last_step_qids[0] else p for p in pairs]
     with open(pairs_path, "w") as f:
         f.writelines(json.dumps(p) + "\n" for p in poisoned)
@@ -349,10 +347,10 @@ def test_offline_run_checkpoint_and_resume(tmp_path, tiny_path):
     rows = read_jsonl(os.path.join(out, "metrics.jsonl"))
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert_finite(rows[:3])
-    assert "pairs/built" not in rows[2] and rows[2]["pairs/rounds_built"] == 1  # same pairs, not rebuilt
+    assert "pairs_built" not in rows[2] and rows[2]["rounds_built"] == 1  # same pairs, not rebuilt
     assert open(pairs_path).read() == before
-    assert "non-finite loss or gradient, step skipped" in proc.stdout
-    assert rows[2]["nonfinite_steps"] == 0 and rows[3]["nonfinite_steps"] == 1
+    assert "optimizer step skipped" in proc.stdout
+    assert rows[2]["skipped_steps"] == 0 and rows[3]["skipped_steps"] == 1
     assert os.path.exists(os.path.join(out, "checkpoint-4"))
     proc = run_torchrun("expo_dpo.py", args + ["--max_steps", "6", "--resume"], check=False)
     assert proc.returncode != 0 and "resume with --max_steps 4" in proc.stderr
@@ -362,16 +360,16 @@ def test_online_run_rebuilds_pairs_every_step(tmp_path, tiny_path):
     out = str(tmp_path / "online")
     run_torchrun("expo_dpo.py", TINY + ["--chosen", "expert", "--regen_every", "1", "--max_steps", "2",
                                         "--output_dir", out, "--eval_every", "2", "--eval_dataset", "synthetic",
-                                        "--eval_limit", "4", "--eval_n", "2"])
+                                        "--eval_limit", "4", "--eval_num_samples", "2"])
     rows = read_jsonl(os.path.join(out, "metrics.jsonl"))
     evals = [r for r in rows if "eval/accuracy" in r]
     assert [r["step"] for r in evals] == [2] and "eval/pass@2" in evals[0]
     rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2]
     assert_finite(rows)
-    assert [r["pairs/rounds_built"] for r in rows] == [1, 2]
-    assert [r["pairs/built"] for r in rows] == [4, 4]  # each round: the 4 questions of its step
-    assert all(r["pairs/in_step"] == 4 and r["empty_steps"] == 0 for r in rows)
+    assert [r["rounds_built"] for r in rows] == [1, 2]
+    assert [r["pairs_built"] for r in rows] == [4, 4]  # each round: the 4 questions of its step
+    assert all(r["pairs_in_step"] == 4 and r["empty_steps"] == 0 for r in rows)
     rounds = [read_jsonl(os.path.join(out, f"pairs-round{r}.jsonl")) for r in (0, 1)]
     assert all(len(r) == 4 for r in rounds)
     # the reference stays the initial model: round 0's pairs start at loss log 2, later ones need not

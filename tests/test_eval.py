@@ -11,6 +11,7 @@ import pytest
 from conftest import ROOT, run_torchrun
 
 import common
+import toy
 import eval as ev
 
 
@@ -39,16 +40,16 @@ def test_default_ks():
 def test_evaluate_matches_hand_computed_pass_at_k(tiny, monkeypatch):
     """Problem p (level p+1) gets its first p of 4 samples marked correct: c = 0, 1, 2, 3, 4."""
     model, tokenizer = tiny
-    rows = common.synthetic_problems(5, seed=2)  # levels 1..5 in order
+    rows = toy.synthetic_problems(5, seed=2)  # levels 1..5 in order
     calls = []
 
-    def stub_verify(completion, gold, *args, **kwargs):  # evaluate verifies problem-major, in sample order
+    def stub_check(completion, gold, *args, **kwargs):  # evaluate verifies problem-major, in sample order
         problem, index = divmod(len(calls), 4)
         calls.append(gold)
         assert gold == rows[problem]["answer"]
-        return 1.0 if index < problem else 0.0
+        return (1.0 if index < problem else 0.0), None
 
-    monkeypatch.setattr(common, "verify_answer", stub_verify)
+    monkeypatch.setattr(common, "check_answer", stub_check)
     summary, samples = ev.evaluate(model, tokenizer, rows, n=4, max_new_tokens=4, micro_batch_size=8)
     assert summary["num_problems"] == 5 and summary["n"] == 4 and len(samples) == 20
     assert summary["accuracy"] == pytest.approx(10 / 20)
@@ -83,7 +84,7 @@ def test_torchrun_two_ranks_table_and_samples(tmp_path, tiny_path):
     limit, n = 9, 2  # 9 problems on 2 ranks: uneven shards of 5 and 4
     out = tmp_path / "eval"
     proc = run_torchrun("eval.py", ["--model", "tiny", "--dataset", "synthetic", "--limit", str(limit),
-                                    "--num_samples", str(n), "--max_new_tokens", "16", "--output", str(out)])
+                                    "--num_samples", str(n), "--max_new_tokens", "16", "--output_dir", str(out)])
     assert "| Level | Count | pass@1 | pass@2 |" in proc.stdout and "| All | 9 |" in proc.stdout
     table = json.loads((out / "eval.json").read_text())
     rows, _ = common.load_problems("synthetic", split="test", limit=limit)

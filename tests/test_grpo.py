@@ -5,12 +5,14 @@ import copy
 import json
 import math
 import os
+import shutil
 
 import pytest
 import torch
-from conftest import run_torchrun
+from conftest import read_jsonl, run_torchrun
 
 import common
+import toy
 import expo_grpo
 from expo_grpo import Args, group_advantages, grpo_loss, k3_kl, sft_loss, train_on_rollouts, validate_args
 
@@ -28,7 +30,6 @@ from expo_grpo import Args, group_advantages, grpo_loss, k3_kl, sft_loss, train_
     ({"sft_coef": -1.0}, "--sft_coef"),
     ({"num_iterations": 0}, "--num_iterations"),
     ({"explanations": "/nonexistent/explanations.jsonl"}, "--explanations"),
-    ({"sft_source": "none", "explanations": "offline"}, "needs --sft_source explanation"),
     ({"resume": True, "output_dir": "/nonexistent/run"}, "no checkpoint"),
     ({"sft_source": "expert", "probe_answer_logprob": True}, "needs --sft_source explanation"),
     ({"warmup_ratio": 1.0}, "--warmup_ratio"),
@@ -223,12 +224,12 @@ def test_non_finite_loss_skips_the_update(tiny):
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), base.parameters()))
 
 
-def test_load_explanations_tokenises_once_and_appends_eos(tmp_path, tiny):
+def test_read_explanations_tokenises_text_once_and_appends_eos(tmp_path, tiny):
     _, tokenizer = tiny
     path = tmp_path / "e.jsonl"
     path.write_text(json.dumps({"question": "q1", "explanation": "so \\boxed{3}", "verified": 1.0}) + "\n"
                     + json.dumps({"question": "q2", "explanation": "so \\boxed{4}"}) + "\n")
-    bank = expo_grpo.load_explanations(str(path), tokenizer)
+    bank = expo_grpo.read_explanations(str(path), tokenizer)
     assert bank["q1"]["completion_ids"] == tokenizer("so \\boxed{3}", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     assert bank["q1"]["verified"] == 1.0 and bank["q2"]["verified"] is None  # checked against the gold answer at use
 
@@ -239,10 +240,10 @@ def test_load_explanations_tokenises_once_and_appends_eos(tmp_path, tiny):
 
 
 def test_two_fsdp_ranks_with_half_the_batch_equal_one_process_with_all(tmp_path, tiny):
-    from grpo_step_worker import fixed_rollouts, train_all
+    from workers.grpo_step_worker import fixed_rollouts, train_all
 
     base, tokenizer = tiny
-    run_torchrun("tests/grpo_step_worker.py", [str(tmp_path / "two.pt"), "2"], nproc=2)
+    run_torchrun("tests/workers/grpo_step_worker.py", [str(tmp_path / "two.pt"), "2"], nproc=2)
     two = torch.load(tmp_path / "two.pt")
     # the reference: one process, no FSDP, the whole batch, micro-batches of 3 instead of 2
     one = train_all(fixed_rollouts(0, 1, len(tokenizer)), 3, tokenizer.pad_token_id, torch.device("cpu"), sharded=False)
@@ -260,9 +261,6 @@ TINY = ["--model", "tiny", "--dataset", "synthetic", "--levels", "1-2", "--batch
         "--max_new_tokens", "16", "--micro_batch_size", "8", "--gen_batch_size", "16"]
 
 
-def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def check_metrics(out_dir, steps):
@@ -279,10 +277,10 @@ def check_metrics(out_dir, steps):
 
 def test_explanation_arm_online_then_resume(tmp_path):
     out = str(tmp_path / "run")
-    args = TINY + ["--output_dir", out, "--save_every", "1", "--probe_answer_logprob", "--eval_every", "2",
-                   "--eval_limit", "4", "--eval_n", "2"]
+    args = TINY + ["--output_dir", out, "--explanations", "online", "--save_every", "1", "--probe_answer_logprob",
+                   "--eval_every", "2", "--eval_limit", "4", "--eval_num_samples", "2"]
     run_torchrun("expo_grpo.py", args + ["--max_steps", "2"])
-    rows = check_metrics(out, [0, 1])
+    rows = check_metrics(out, [1, 2])
     for k in ("expl_verified", "nll_explanation", "nll_expert", "answer_logp_after_explanation", "answer_logp_after_cot"):
         assert k in rows[0], k
     assert "eval/accuracy" in rows[1]
@@ -291,12 +289,12 @@ def test_explanation_arm_online_then_resume(tmp_path):
 
     proc = run_torchrun("expo_grpo.py", args + ["--max_steps", "3", "--resume"])
     assert "resumed from step 2" in proc.stdout
-    check_metrics(out, [0, 1, 2])
+    check_metrics(out, [1, 2, 3])
     assert os.path.isdir(os.path.join(out, "checkpoint-3"))
-    # step 2 took the questions of step 2 of the data order: rank 0 holds batch[0::2]
+    # step 3 took the questions of step 3 of the data order: rank 0 holds batch[0::2]
     rows, _ = common.load_problems("synthetic", levels=[1, 2], seed=0)
-    samples = [s for s in read_jsonl(os.path.join(out, "samples.jsonl")) if s["step"] == 2]
-    assert [s["question"] for s in samples] == [r["question"] for r in common.global_batch(rows, 2, 4, 0)[0::2]]
+    samples = [s for s in read_jsonl(os.path.join(out, "samples.jsonl")) if s["step"] == 3]
+    assert [s["question"] for s in samples] == [r["question"] for r in common.global_batch(rows, 3, 4, 0)[0::2]]
 
 
 def test_explanation_arm_from_jsonl_trains_on_verified_explanations_only(tmp_path):
@@ -310,7 +308,7 @@ def test_explanation_arm_from_jsonl_trains_on_verified_explanations_only(tmp_pat
     out = str(tmp_path / "run")
     run_torchrun("expo_grpo.py", TINY + ["--output_dir", out, "--explanations", str(path), "--max_steps", "2",
                                          "--num_iterations", "2", "--clip_eps_high", "0.28", "--probe_every", "0"])
-    for step, r in enumerate(check_metrics(out, [0, 1])):
+    for step, r in enumerate(check_metrics(out, [1, 2]), start=1):
         batch = common.global_batch(rows, step, 4, 0)
         correct = sum(rows.index(q) % 2 for q in batch) / len(batch)
         assert 0 < correct < 1 and r["expl_verified"] == correct
@@ -318,20 +316,33 @@ def test_explanation_arm_from_jsonl_trains_on_verified_explanations_only(tmp_pat
         assert r["sft_loss"] > 0 and r["grad_norm"] > 0
 
 
-def test_explanation_arm_offline_writes_cache(tmp_path):
-    out = str(tmp_path / "run")
-    run_torchrun("expo_grpo.py", TINY + ["--output_dir", out, "--explanations", "offline", "--max_steps", "2",
-                                         "--sft_on", "unsolved", "--probe_every", "0"])
-    check_metrics(out, [0, 1])
-    cache = read_jsonl(os.path.join(out, "explanations.jsonl"))
-    assert len(cache) == 8 and all({"question", "answer", "explanation", "verified"} <= set(c) for c in cache)
+def test_offline_explanations_are_cached_per_model_data_and_prompt(tmp_path, monkeypatch, tiny):
+    """Issue 13: a second run with the same model and data samples no explanation; another model, other data,
+    another prompt or other sampling settings do."""
+    env = {"EXPO_CACHE": str(tmp_path / "cache")}
+    run = lambda name, *extra: run_torchrun("expo_grpo.py", TINY + [  # noqa: E731
+        "--output_dir", str(tmp_path / name), "--max_steps", "2", "--sft_on", "unsolved", "--probe_every", "0",
+        *extra], env=env).stdout
+    assert "offline explanations for 8 questions: 0 cached, 8 sampled now" in run("first")
+    check_metrics(str(tmp_path / "first"), [1, 2])
+    assert "8 cached, 0 sampled now" in run("another_arm", "--sft_on", "all", "--explanation_check", "answer")
+    assert "0 cached, 8 sampled now" in run("other_data", "--levels", "3-4")
+    copy_of_tiny = shutil.copytree(toy.build_tiny_model(), tmp_path / "tiny_copy")  # another model: another key
+    assert "0 cached, 8 sampled now" in run("other_model", "--model", str(copy_of_tiny))
+    # the key itself: prompt and sampling settings
+    _, tokenizer = tiny
+    key = lambda **kw: expo_grpo.explanation_cache_path(Args(model="tiny", **kw), tokenizer)  # noqa: E731
+    assert key() == key() and key() != key(temperature=0.5) and key() != key(max_new_tokens=7)
+    before = key()
+    monkeypatch.setattr(common, "EXPLAIN_SENTENCE", "The answer is {answer}. Explain why.")
+    assert key() != before
 
 
 def test_expert_arm(tmp_path):
     out = str(tmp_path / "run")
     run_torchrun("expo_grpo.py", TINY + ["--output_dir", out, "--sft_source", "expert", "--max_steps", "2", "--beta", "0",
                                          "--num_iterations", "2", "--loss_agg", "token-mean", "--probe_every", "0"])
-    for r in check_metrics(out, [0, 1]):
+    for r in check_metrics(out, [1, 2]):
         assert r["sft_used"] == 1.0 and r["sft_loss"] > 0 and r["kl"] == 0 and "expl_verified" not in r
 
 
@@ -340,7 +351,7 @@ def test_none_arm(tmp_path):
     run_torchrun("expo_grpo.py", TINY + ["--output_dir", out, "--sft_source", "none", "--max_steps", "2",
                                          "--loss_agg", "dr-grpo", "--scale_rewards", "none", "--mask_truncated",
                                          "--no_gradient_checkpointing"])
-    for r in check_metrics(out, [0, 1]):
+    for r in check_metrics(out, [1, 2]):
         assert r["sft_used"] == 0 and r["sft_loss"] == 0 and "nll_expert" in r and "nll_explanation" not in r
 
 

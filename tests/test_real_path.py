@@ -4,7 +4,6 @@ two end tokens, bf16 weights, Qwen's tokenizer class and chat template), real da
 Each test here failed before the fix it names (issue 11). Expected values are computed independently.
 """
 
-import copy
 import json
 import os
 import subprocess
@@ -12,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, gsm8k_rows, math_rows, read_jsonl, run_torchrun, write_jsonl
+from conftest import ROOT, gsm8k_rows, math_rows, run_torchrun, write_jsonl
 
 import common
 import expo_dpo
@@ -88,6 +87,50 @@ def test_training_mode_adds_no_dropout(hub_path):
     assert torch.equal(a, b)  # two training-mode passes agree: no dropout anywhere
 
 
+# ---------------------------------------------------------------- fix 2 and 6: sampling ignores the checkpoint's defaults
+
+
+def test_sampling_draws_from_softmax_over_t_whatever_the_generation_config_says(hub_path, monkeypatch):
+    """The fixture's generation_config asks for top_k 20, top_p 0.8, repetition penalty 1.05 at T 0.7; sample()
+    at T = 30 (the random fixture's logits are peaked: a high T spreads them) must draw from softmax(logits / 30)
+    all the same, and never through model.generate."""
+    model = common.load_model(hub_path, CPU).eval()
+    tokenizer = common.load_tokenizer(hub_path)
+    monkeypatch.setattr(type(model), "generate", lambda *a, **k: pytest.fail("generate() applies generation_config"))
+    prompt = common.question_prompt(tokenizer, "What is 2+3?")
+    torch.manual_seed(0)
+    out = common.sample(model, tokenizer, [prompt], n=3000, max_new_tokens=1, temperature=30.0, micro_batch_size=3000)
+    with torch.no_grad():
+        ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+        want = torch.softmax(model(ids).logits[0, -1].float() / 30.0, -1)
+    got = torch.bincount(torch.tensor([c[0] for c in out["completion_ids"]]), minlength=len(want)).float()
+    # 10 bins of about equal mass under softmax(logits / T): each should hold ~300 of the 3000 draws
+    order = want.argsort()
+    bins = (want[order].cumsum(0) * 10).clamp(max=9.999).long()
+    expected = torch.zeros(10).index_add_(0, bins, want[order]) * 3000
+    counts = torch.zeros(10).index_add_(0, bins, got[order])
+    assert ((counts - expected).abs() < 5 * expected.sqrt() + 5).all(), (counts, expected)
+    assert int((got > 0).sum()) > 20  # top_k 20 of the generation_config would allow 20 tokens at most
+
+
+def test_sampling_stops_at_every_end_token_the_checkpoint_declares(hub_path):
+    model = common.load_model(hub_path, CPU).eval()
+    tokenizer = common.load_tokenizer(hub_path)
+    im_end, endoftext = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    assert common.end_token_ids(model, tokenizer) == [im_end, endoftext]
+    def end_often(module, inputs, logits):  # <|endoftext|> (also the pad token) likely at every step, <|im_end|> never
+        logits[..., :] = 0.0
+        logits[..., endoftext], logits[..., im_end] = 2.0, float("-inf")
+        return logits
+
+    model.lm_head.register_forward_hook(end_often)
+    out = common.sample(model, tokenizer, ["a", "bb c"], n=8, max_new_tokens=30, temperature=1.0)
+    for ids, ended in zip(out["completion_ids"], out["eos"]):
+        ends = [k for k, t in enumerate(ids) if t in (im_end, endoftext)]
+        assert ended == bool(ends) and ends in ([], [len(ids) - 1])  # cut at the first end token, nothing after
+    assert any(ids[-1] == endoftext for ids in out["completion_ids"])  # the second end token ended some
+
+
 # ---------------------------------------------------------------- fix 3: responses are the sampled token ids
 
 
@@ -118,7 +161,7 @@ def test_dpo_rejected_prefers_an_ended_wrong_cot(hub_path, policy, expect_pair):
             return [("so \\boxed{7}", [60, 61, 2], True)]
         return cots["q0" if "q0" in p else "q1"]
 
-    pairs, stats = expo_dpo.build_pairs(rows, tokenizer, stub_sampler(by_prompt), num_samples=2,
+    pairs, stats = expo_dpo.build_pairs(rows, tokenizer, stub_sampler(by_prompt), num_generations=2,
                                         rejected_truncated=policy)
     by_qid = {p["qid"]: p for p in pairs}
     assert by_qid[0]["rejected_ids"] == [43, 44, 2] and by_qid[0]["rejected_eos"]
@@ -147,7 +190,7 @@ def test_offline_explanations_keep_sampled_ids(tmp_path, hub_path):
         {"question": "cut", "explanation": "so", "completion_ids": [80, 81], "verified": 0.0},  # truncated: no EOS
         {"question": "from elsewhere", "explanation": "so \\boxed{3}"},  # text only: a complete answer
     ])
-    bank = expo_grpo.load_explanations(path, tokenizer)
+    bank = expo_grpo.read_explanations(path, tokenizer)
     assert bank["cut"]["completion_ids"] == [80, 81]
     assert bank["from elsewhere"]["completion_ids"] == tokenizer("so \\boxed{3}", add_special_tokens=False)[
         "input_ids"] + [tokenizer.eos_token_id]
@@ -167,7 +210,7 @@ def test_offline_dpo_builds_pairs_only_for_the_steps_it_runs(tmp_path, hub_path)
     out = str(tmp_path / "run")
     proc = run_torchrun("expo_dpo.py", [
         "--model", hub_path, "--dataset", "synthetic", "--regen_every", "0", "--max_steps", "1", "--batch_size", "4",
-        "--micro_batch_size", "1", "--num_samples", "2", "--max_new_tokens", "8", "--chosen", "expert",
+        "--micro_batch_size", "1", "--num_generations", "2", "--max_new_tokens", "8", "--chosen", "expert",
         "--output_dir", out], timeout=240)
     assert "pairs from 4 questions" in proc.stdout  # not from the 2000 questions of the data set
 

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import common
+import toy
 from conftest import ROOT, run_torchrun
 
 
@@ -48,17 +49,17 @@ def random_pairs(count: int = 300, seed: int = 0):
     (999999, 999999, r"9908 9919 9919 9919 9919 9919 \boxed{1999998}"),
 ])
 def test_solution_hand_written(a, b, chain):
-    assert common.addition_solution(a, b) == chain
-    assert common.step_check(f"{a}+{b}", chain)
+    assert toy.addition_solution(a, b) == chain
+    assert toy.step_check(f"{a}+{b}", chain)
     assert true_chain(a, b) == chain
 
 
 def test_step_checker_accepts_every_true_chain():
     for a, b in random_pairs():
         chain = true_chain(a, b)
-        assert common.step_check(f"{a}+{b}", chain), (a, b, chain)
-        assert common.step_check(f"{a}+{b}", chain + "\n")  # trailing whitespace is not a step
-    assert common.step_check("999+1", r"9100 9010 9010 \boxed{1000}")  # unequal lengths too
+        assert toy.step_check(f"{a}+{b}", chain), (a, b, chain)
+        assert toy.step_check(f"{a}+{b}", chain + "\n")  # trailing whitespace is not a step
+    assert toy.step_check("999+1", r"9100 9010 9010 \boxed{1000}")  # unequal lengths too
 
 
 def test_step_checker_rejects_any_altered_step():
@@ -70,7 +71,7 @@ def test_step_checker_rejects_any_altered_step():
                     if d == steps[k][pos]:
                         continue
                     altered = steps[:k] + [steps[k][:pos] + d + steps[k][pos + 1 :]] + steps[k + 1 :]
-                    assert not common.step_check(question, " ".join(altered)), (question, altered)
+                    assert not toy.step_check(question, " ".join(altered)), (question, altered)
 
 
 @pytest.mark.parametrize("completion", [
@@ -88,12 +89,12 @@ def test_step_checker_rejects_any_altered_step():
     "",
 ])
 def test_step_checker_rejects_malformed(completion):
-    assert not common.step_check("12345+67890", completion)
+    assert not toy.step_check("12345+67890", completion)
 
 
 def test_step_checker_rejects_bad_question():
-    assert not common.step_check("what is 2+2?", r"2204 \boxed{4}")
-    assert common.STEP_CHECKERS["addition"] is common.step_check
+    assert not toy.step_check("what is 2+2?", r"2204 \boxed{4}")
+    assert common.STEP_CHECKERS["addition"] is toy.step_check
 
 
 def test_load_problems_addition():
@@ -124,7 +125,7 @@ def test_load_problems_addition():
     ("999999+999999", "1999998", "Q999999+999999|???????>", "Q999999+999999|1999998>"),
 ])
 def test_toy_prompts_layout(question, answer, solve, explain):
-    tok = common.toy_tokenizer()
+    tok = toy.toy_tokenizer()
     assert common.question_prompt(tok, question) == solve
     assert common.explanation_prompt(tok, question, answer) == explain
     assert len(solve) == len(explain)  # the shared answer slot
@@ -132,7 +133,7 @@ def test_toy_prompts_layout(question, answer, solve, explain):
 
 
 def test_toy_tokenizer_is_character_level(tmp_path):
-    tok = common.toy_tokenizer()
+    tok = toy.toy_tokenizer()
     text = r"Q47+38|0000085>7805 4318 \boxed{85}"
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert len(ids) == len(text) and tok.unk_token_id not in ids
@@ -152,16 +153,16 @@ def _weights(path):
 
 def test_toy_model_build_is_deterministic_and_loads(tmp_path):
     kw = dict(steps=20, batch_size=32, verbose=False)
-    a = common.build_toy_model(str(tmp_path / "a"), seed=0, eval_size=8, **kw)
-    b = common.build_toy_model(str(tmp_path / "b"), seed=0, eval_size=0, **kw)
-    c = common.build_toy_model(str(tmp_path / "c"), seed=1, eval_size=0, **kw)
+    a = toy.build_toy_model(str(tmp_path / "a"), seed=0, eval_size=8, **kw)
+    b = toy.build_toy_model(str(tmp_path / "b"), seed=0, eval_size=0, **kw)
+    c = toy.build_toy_model(str(tmp_path / "c"), seed=1, eval_size=0, **kw)
     wa, wb, wc = _weights(a), _weights(b), _weights(c)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert any(not torch.equal(wa[k], wc[k]) for k in wa)
     with open(os.path.join(a, "toy_build.json")) as f:
         info = json.load(f)
     assert info["steps"] == 20 and all(0.0 <= info[k] <= 1.0 for k in ("easy_solve", "hard_solve", "hard_explain"))
-    assert common.build_toy_model(a, seed=0, **kw) == a  # cached: returns at once
+    assert toy.build_toy_model(a, seed=0, **kw) == a  # cached: returns at once
 
     model = common.load_model(a, torch.device("cpu"))
     tok = common.load_tokenizer(a)
@@ -176,7 +177,7 @@ def test_toy_model_build_is_deterministic_and_loads(tmp_path):
 def test_concurrent_builders_share_one_model(tmp_path):
     """Two processes asking for the same directory: one builds under the lock, the other waits and reuses."""
     path = str(tmp_path / "toy")
-    code = ("import common, sys; p = common.build_toy_model(sys.argv[1], steps=3, batch_size=8, eval_size=0, "
+    code = ("import toy, sys; p = toy.build_toy_model(sys.argv[1], steps=3, batch_size=8, eval_size=0, "
             "verbose=False); print(p)")
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen([sys.executable, "-c", code, path], env=env, stdout=subprocess.PIPE, text=True)
@@ -204,7 +205,7 @@ def test_two_rank_toy_run_with_step_check_and_anchor(tmp_path):
     """A short model never explains right, so the explanations come from a file: the true chain of thought for
     even rows, and for odd rows one with a wrong first step that still copies the right answer (an answer check
     would keep it). Only the even rows may be trained on, under both prompts."""
-    model = common.build_toy_model(str(tmp_path / "toy"), steps=20, batch_size=32, eval_size=0, verbose=False)
+    model = toy.build_toy_model(str(tmp_path / "toy"), steps=20, batch_size=32, eval_size=0, verbose=False)
     rows, _ = common.load_problems("addition", levels=[5, 6], seed=0)
     path = tmp_path / "explanations.jsonl"
     with open(path, "w") as f:
@@ -219,15 +220,25 @@ def test_two_rank_toy_run_with_step_check_and_anchor(tmp_path):
         "--explanation_check", "steps", "--sft_anchor", "--batch_size", "4", "--num_generations", "4",
         "--temperature", "1.0", "--beta", "0", "--lr", "2e-3", "--sft_coef", "1", "--max_new_tokens", "48",
         "--max_steps", "2", "--gradient_checkpointing", "false", "--save_every", "0", "--probe_every", "0",
-        "--eval_every", "2", "--eval_levels", "5-6", "--eval_limit", "8", "--eval_n", "1", "--eval_temperature", "0",
+        "--eval_every", "2", "--eval_levels", "5-6", "--eval_limit", "8", "--eval_num_samples", "1", "--eval_temperature", "0",
         "--output_dir", str(out)])
     with open(out / "metrics.jsonl") as f:
         metrics = [json.loads(line) for line in f]
-    assert [m["step"] for m in metrics] == [0, 1]
-    for step, m in enumerate(metrics):
+    assert [m["step"] for m in metrics] == [1, 2]
+    for step, m in enumerate(metrics, start=1):
         assert all(v == v and abs(v) != float("inf") for v in m.values() if isinstance(v, float)), m
         right = sum(rows.index(r) % 2 == 0 for r in common.global_batch(rows, step, 4, 0)) / 4
         assert 0 < right < 1 and m["expl_verified"] == m["sft_used"] == right
         assert m["sft_loss"] > 0 and m["grad_norm"] > 0
     assert {k for k in metrics[1] if k.startswith("eval/level")} == {"eval/level5/pass@1", "eval/level6/pass@1"}
     assert metrics[1]["eval/num_problems"] == 8
+
+
+def test_a_rank_other_than_0_builds_a_whole_model(tmp_path):
+    """Whichever rank takes the build lock writes the model: under torch.distributed transformers' save_pretrained
+    writes only on rank 0, which once left a model directory with a tokenizer and no weights."""
+    script = tmp_path / "build.py"
+    script.write_text("import sys\nimport common, toy\ninfo = common.init_distributed()\n"
+                      "if info.rank == 1:\n    toy.build_tiny_model(sys.argv[1])\ncommon.cleanup_distributed()\n")
+    run_torchrun(str(script), [str(tmp_path / "tiny")], nproc=2, timeout=120)
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(tmp_path / "tiny"))

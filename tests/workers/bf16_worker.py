@@ -9,10 +9,9 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-import common  # noqa: E402
-import expo_dpo  # noqa: E402
-import expo_grpo  # noqa: E402
+import common
+import expo_dpo
+import expo_grpo
 
 hub_path, out_dir = sys.argv[1], sys.argv[2]
 info = common.init_distributed()

@@ -13,6 +13,7 @@ import sys
 import torch
 
 import common
+import toy  # noqa: F401  (registers --model tiny)
 import expo_grpo
 
 

@@ -1,6 +1,6 @@
 """Run a training script with non-finite log-probs on ONE rank at chosen steps (tests/test_reliability.py).
 
-    torchrun ... tests/nan_worker.py SCRIPT RANK STEPS [script flags...]     STEPS: 0-based, e.g. "0,1"
+    torchrun ... tests/workers/nan_worker.py SCRIPT RANK STEPS [script flags...]     STEPS: counted from 1, e.g. "1,2"
 
 Only that rank's training forward passes (gradient enabled) give NaN, as a bad row of its data would; the
 script must skip the step on every rank together. The step is the one `global_batch` was last asked for.
@@ -13,6 +13,7 @@ import sys
 import torch
 
 import common
+import toy  # noqa: F401  (registers --model tiny)
 
 script, nan_rank, nan_steps = sys.argv[1], int(sys.argv[2]), {int(s) for s in sys.argv[3].split(",")}
 current = {"step": None}

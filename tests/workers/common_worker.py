@@ -10,6 +10,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 import common
+import toy  # noqa: F401  (registers --model tiny)
 
 
 def full_state(model):  # gathered on rank 0 only
