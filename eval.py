@@ -193,6 +193,33 @@ def read_metrics(run_dir: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def run_name(path: str, paths: list[str]) -> str:
+    """A run's label: its path below the folder all `paths` share (runs/lab/b0/grpo_r0 -> b0/grpo_r0)."""
+    common_dir = os.path.commonpath([os.path.abspath(p) for p in paths]) if len(paths) > 1 else None
+    name = os.path.relpath(os.path.abspath(path), common_dir) if common_dir else os.path.basename(os.path.normpath(path))
+    return name if name != "." else path
+
+
+def compare_main(argv: list[str]) -> None:
+    """`eval.py compare OUT_DIR ...`: pass@k by level of several evaluations on the same problems, side by side."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="eval.py compare", description="Tables of several eval.py runs, side by side.")
+    parser.add_argument("eval_dirs", nargs="+", help="--output_dir of eval.py runs (each holds eval.json)")
+    dirs = parser.parse_args(argv).eval_dirs
+    try:
+        tables = {run_name(d, dirs): json.load(open(os.path.join(d, "eval.json"))) for d in dirs}
+    except OSError as e:
+        sys.exit(f"error: {e}")
+    key = f"pass@{min(max(t['ks']) for t in tables.values())}"  # the largest k every table has
+    levels = sorted({lv for t in tables.values() for lv in t["by_level"]}, key=_natural)
+    print("| Level | Count | " + " | ".join(tables) + f" |  ({key}, %)\n|---|---:|" + "---:|" * len(tables))
+    for lv in levels + ["All"]:
+        cells = [t if lv == "All" else t["by_level"].get(lv, {}) for t in tables.values()]
+        count = next((c.get("count", c.get("num_problems")) for c in cells if c), 0)
+        print(f"| {lv} | {count} | " + " | ".join(f"{100 * c[key]:.1f}" if key in c else "-" for c in cells) + " |")
+
+
 def plot(run_dirs: list[str], out: str, keys: list[str] | None = None) -> list[str]:
     """One panel per metric present in any run, one line per run, over the step; returns the keys drawn.
 
@@ -203,7 +230,7 @@ def plot(run_dirs: list[str], out: str, keys: list[str] | None = None) -> list[s
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
 
-    runs = {os.path.basename(os.path.normpath(d)) or d: read_metrics(d) for d in run_dirs}
+    runs = {run_name(d, run_dirs): read_metrics(d) for d in run_dirs}
     present = {k for rows in runs.values() for row in rows for k, v in row.items()
                if isinstance(v, (int, float)) and k != "step"}
     keys = list(dict.fromkeys(k for pattern in (keys or PLOT_KEYS) for k in sorted(present, key=_natural)
@@ -318,7 +345,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "plot":
-        plot_main(sys.argv[2:])
+    if len(sys.argv) > 1 and sys.argv[1] in ("plot", "compare"):
+        (plot_main if sys.argv[1] == "plot" else compare_main)(sys.argv[2:])
     else:
         main()

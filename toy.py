@@ -270,14 +270,16 @@ def toy_tokenizer():
     return tokenizer
 
 
-def build_toy_model(path: str | None = None, seed: int = 0, steps: int = 1000, batch_size: int = 128,
-                    lr: float = 2e-3, eval_size: int = 200, threads: int = 1, verbose: bool = True) -> str:
+def build_toy_model(path: str | None = None, seed: int = 0, steps: int = 600, batch_size: int = 128,
+                    lr: float = 3e-3, eval_size: int = 200, threads: int = 1, verbose: bool = True) -> str:
     """Build (once) and cache the toy base model: a 3-layer Qwen2 over characters, trained on addition.
 
     Stage 1 of TOYLAB: each batch is 80% easy problems (1-3 digits), half under the question prompt and half
     under the explanation prompt, and 20% hard ones (5-6 digits) under the explanation prompt only; the
     loss is on the completion (true chain of thought + answer + EOS) only. So the model learns the
-    procedure on easy problems and learns to explain hard ones given the answer, but never to solve them.
+    procedure on easy problems and to explain hard ones given the answer, and solves few or no hard ones:
+    with rotary positions the solve skill starts to carry over to 5-6 digits as stage 1 goes on, sooner on
+    some seeds (600 steps at lr 3e-3: hard_solve 0.00 on seed 0, 0.14 on seed 1, 0.12 on seed 2).
     It then prints its three rates on held-out test problems (see `toy_rates`).
 
     Deterministic: the same seed (and `threads`) gives identical weights; training always runs on CPU, on one
@@ -299,7 +301,8 @@ def build_toy_model(path: str | None = None, seed: int = 0, steps: int = 1000, b
             json.dump({"seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr, "threads": threads,
                        "train_seconds": round(seconds, 1), **rates}, f, indent=1)
 
-    return built_once(path or os.path.join(CACHE_DIR, f"toy-v1-seed{seed}-steps{steps}"), write)
+    name = f"toy-v2-seed{seed}-steps{steps}-lr{lr:g}-batch{batch_size}"
+    return built_once(path or os.path.join(CACHE_DIR, name), write)
 
 
 def _train_toy_model(seed: int, steps: int, batch_size: int, lr: float, verbose: bool):
