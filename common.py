@@ -127,14 +127,6 @@ def gather_objects(obj) -> list:
     return out
 
 
-def broadcast_object(obj, src: int = 0):
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 # ----------------------------------------------------------------------------------------------------
 # Models, tokenizers and FSDP2
 # ----------------------------------------------------------------------------------------------------
@@ -461,6 +453,22 @@ def parse_levels(text: str | None) -> list[int] | None:
         a, _, b = part.partition("-")
         out += list(range(int(a), int(b or a) + 1))
     return out
+
+
+def load_run_data(args, default_levels: str = "all") -> tuple[list[dict], list[dict], dict]:
+    """A trainer's training and evaluation rows from its flags, before any model: a bad file fails in seconds.
+
+    An empty `--levels` means `default_levels` where the data has levels at all (GSM8K has none: all of it).
+    Raises ValueError (or FileNotFoundError) with one line.
+    """
+    rows, stats = load_problems(args.dataset, args.split, args.dataset_config, parse_levels(args.levels or default_levels),
+                                args.limit or None, args.seed, levels_flag=f"--levels {args.levels}" if args.levels else None)
+    if len(rows) < args.batch_size:
+        raise ValueError(f"{len(rows)} training questions ({dict(stats)}) cannot fill --batch_size {args.batch_size}")
+    eval_rows = load_problems(args.eval_dataset or args.dataset, args.eval_split, seed=args.seed,
+                              config=None if args.eval_dataset else args.dataset_config, limit=args.eval_limit or None,
+                              levels=parse_levels(args.eval_levels))[0] if args.eval_every else []
+    return rows, eval_rows, dict(stats)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:

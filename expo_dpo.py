@@ -43,8 +43,8 @@ import toy  # noqa: F401  (registers --model tiny|toy and --dataset synthetic|ad
 from common import (LoadError, MetricsLogger, Timer, all_reduce_dict, check_dataset_name, check_model_name,
                     check_output_dir, cleanup_distributed, cosine_schedule, device_mesh, end_of_step,
                     explanation_prompt, gather_objects, global_batch, init_distributed, latest_checkpoint,
-                    load_checkpoint, load_model, load_problems, load_tokenizer, make_batch, optimizer_step,
-                    parse_levels, print0, question_prompt, sample, seed_everything, shard_model, token_logprobs,
+                    load_checkpoint, load_model, load_run_data, load_tokenizer, make_batch, optimizer_step,
+                    print0, question_prompt, sample, seed_everything, shard_model, token_logprobs,
                     verify_answer)
 
 
@@ -315,28 +315,15 @@ def run_eval(model, tokenizer, rows: list[dict], args: Args) -> dict:
     return scalar_metrics(summary, prefix="eval/")
 
 
-def load_data(args: Args) -> tuple[list[dict], list[dict], dict]:
-    """Training and evaluation rows, before any model: a bad file fails in seconds, with one line."""
-    try:
-        rows, stats = load_problems(args.dataset, args.split, args.dataset_config, parse_levels(args.levels),
-                                    args.limit or None, args.seed, levels_flag=f"--levels {args.levels}")
-        if len(rows) < args.batch_size:
-            raise ValueError(f"{len(rows)} training questions ({dict(stats)}) cannot fill --batch_size {args.batch_size}")
-        eval_rows = load_problems(args.eval_dataset or args.dataset, args.eval_split, seed=args.seed,
-                                  config=None if args.eval_dataset else args.dataset_config,
-                                  limit=args.eval_limit or None, levels=parse_levels(args.eval_levels))[0] \
-            if args.eval_every else []
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"expo_dpo.py: error: {e}")
-    return rows, eval_rows, dict(stats)
-
-
 def main():
     from transformers import HfArgumentParser
 
     (args,) = HfArgumentParser(Args).parse_args_into_dataclasses()
     validate_args(args, int(os.environ.get("WORLD_SIZE", 1)))
-    rows, eval_rows, data_stats = load_data(args)
+    try:  # the data before any model: a bad file fails in seconds, with one line
+        rows, eval_rows, data_stats = load_run_data(args, default_levels="all")
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"expo_dpo.py: error: {e}")
     info = init_distributed()
     rank, world, device = info.rank, info.world_size, info.device
     seed_everything(args.seed, rank)

@@ -51,8 +51,8 @@ import toy  # noqa: F401  (registers --model tiny|toy and --dataset synthetic|ad
 from common import (CACHE_DIR, STEP_CHECKERS, LoadError, MetricsLogger, Timer, all_reduce_dict, check_dataset_name,
                     check_model_name, check_output_dir, cleanup_distributed, cosine_schedule, device_mesh, end_of_step,
                     explanation_prompt, gather_objects, global_batch, init_distributed, latest_checkpoint,
-                    load_checkpoint, load_model, load_problems, load_tokenizer, make_batch, optimizer_step,
-                    parse_levels, print0, question_prompt, resolve_model_path, sample, score_answers, seed_everything,
+                    load_checkpoint, load_model, load_run_data, load_tokenizer, make_batch, optimizer_step,
+                    print0, question_prompt, resolve_model_path, sample, score_answers, seed_everything,
                     shard_model, token_logprobs, verify_answer)
 
 
@@ -499,29 +499,15 @@ def run_eval(model, tokenizer, rows: list[dict], args: Args) -> dict:
     return scalar_metrics(summary, prefix="eval/")
 
 
-def load_data(args: Args) -> tuple[list[dict], list[dict], dict]:
-    """Training and evaluation rows, before any model: a bad file fails in seconds, with one line."""
-    try:
-        rows, stats = load_problems(args.dataset, split=args.split, config=args.dataset_config,
-                                    levels=parse_levels(args.levels or "5"), limit=args.limit or None, seed=args.seed,
-                                    levels_flag=f"--levels {args.levels}" if args.levels else None)
-        if len(rows) < args.batch_size:
-            raise ValueError(f"{len(rows)} training questions ({dict(stats)}) cannot fill --batch_size {args.batch_size}")
-        eval_rows = load_problems(args.eval_dataset or args.dataset, split=args.eval_split, seed=args.seed,
-                                  config=None if args.eval_dataset else args.dataset_config,
-                                  limit=args.eval_limit or None, levels=parse_levels(args.eval_levels))[0] \
-            if args.eval_every else []
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"expo_grpo.py: error: {e}")
-    return rows, eval_rows, dict(stats)
-
-
 def main():
     from transformers import HfArgumentParser
 
     args = HfArgumentParser(Args).parse_args_into_dataclasses()[0]
     validate_args(args, int(os.environ.get("WORLD_SIZE", 1)))
-    rows, eval_rows, data_stats = load_data(args)
+    try:  # the data before any model: a bad file fails in seconds, with one line
+        rows, eval_rows, data_stats = load_run_data(args, default_levels="5")
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"expo_grpo.py: error: {e}")
     info = init_distributed()
     rank, world_size, device = info.rank, info.world_size, info.device
     seed_everything(args.seed, rank)
@@ -555,6 +541,18 @@ def main():
     ref_model = shard_model(ref_model, device, mesh, trainable=False, bf16=args.bf16) if ref_model is not None else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = cosine_schedule(optimizer, total_steps * args.num_iterations, args.warmup_ratio)
+    # ---- offline explanations: by the initial policy (so before a resumed run loads its checkpoint), for the
+    # questions this run will see
+    bank = None  # question -> explanation record, when not sampled online
+    if args.sft_source == "explanation" and args.explanations != "online":
+        used = rows if total_steps >= steps_per_epoch else [
+            r for s in range(1, total_steps + 1) for r in global_batch(rows, s, args.batch_size, args.seed)]
+        if args.explanations == "offline":
+            bank, how = offline_explanations(model, tokenizer, used, args)
+        else:
+            bank, how = read_explanations(args.explanations, tokenizer), f"from {args.explanations}"
+        print0(f"offline explanations for {len(used)} questions: {how}")
+
     start_step, state = 0, {"skipped_steps": 0, "bad_in_a_row": 0}
     if args.resume:
         try:
@@ -567,17 +565,6 @@ def main():
                            resume_step=start_step if args.resume else None,
                            show=("reward", "solved", "zero_spread", "expl_verified", "sft_used", "sft_loss", "kl",
                                  "grad_norm", "lr", "sample_tok_s", "train_tok_s"))
-
-    # ---- offline explanations: by the initial policy, for the questions this run will see
-    bank = None  # question -> explanation record, when not sampled online
-    if args.sft_source == "explanation" and args.explanations != "online":
-        used = rows if total_steps >= steps_per_epoch else [
-            r for s in range(1, total_steps + 1) for r in global_batch(rows, s, args.batch_size, args.seed)]
-        if args.explanations == "offline":
-            bank, how = offline_explanations(model, tokenizer, used, args)
-        else:
-            bank, how = read_explanations(args.explanations, tokenizer), f"from {args.explanations}"
-        print0(f"offline explanations for {len(used)} questions: {how}")
 
     for step in range(start_step + 1, total_steps + 1):
         step_start = time.perf_counter()

@@ -51,6 +51,7 @@ flags() {  # the flags of one arm
 arm() {  # arm NAME BASE_DIR RL_SEED RUN_DIR
     local name=$1 base=$2 seed=$3 dir=$4
     rm -rf "$dir"
+    mkdir -p "$(dirname "$dir")"
     # $(flags) is split into words on purpose
     # shellcheck disable=SC2046
     python expo_grpo.py --model "$base" --dataset addition --levels 5-6 --batch_size 32 --num_generations 8 \
