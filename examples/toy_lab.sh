@@ -110,5 +110,5 @@ for path in sorted(glob.glob(os.path.join(out, "b*", "*_r*", "metrics.jsonl"))):
     print(f"| {os.path.relpath(os.path.dirname(path), out)} | {curve} | "
           f"{sum(r['zero_spread'] for r in rows) / len(rows):.2f} | " + (f"{kept[0]:.2f} -> {kept[-1]:.2f}" if kept else "-") + " |")
 PY
-python eval.py plot "$OUT"/b*/*_r* --out "$OUT/curves.png" --keys 'eval/accuracy' reward zero_spread expl_verified sft_loss
+python eval.py plot "$OUT"/b*/*_r*/ --out "$OUT/curves.png" --keys 'eval/accuracy' reward zero_spread expl_verified sft_loss
 echo "total $((SECONDS - start))s, load average now: $(cut -d' ' -f1-3 /proc/loadavg)"

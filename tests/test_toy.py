@@ -242,3 +242,35 @@ def test_a_rank_other_than_0_builds_a_whole_model(tmp_path):
                       "if info.rank == 1:\n    toy.build_tiny_model(sys.argv[1])\ncommon.cleanup_distributed()\n")
     run_torchrun(str(script), [str(tmp_path / "tiny")], nproc=2, timeout=120)
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(tmp_path / "tiny"))
+
+
+def test_the_lab_script_runs_to_its_last_line(tmp_path):
+    """examples/toy_lab.sh end to end on a tiny budget (a base of 20 steps, 2 RL steps per arm): a crash in its
+    tables or plots at the end of a long run cannot recur."""
+    env = {**os.environ, "EXPO_CACHE": str(tmp_path / "cache"), "OUT": str(tmp_path / "lab"), "BUILD_STEPS": "20",
+           "STEPS": "2", "EVAL_EVERY": "1", "EVAL_LIMIT": "6", "FINAL_LIMIT": "12"}
+    proc = subprocess.run(["bash", "examples/toy_lab.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| Level | Count | base | expo_paper | grpo |" in proc.stdout
+    assert "| All | 12 |" in proc.stdout  # the same 12 held-out sums for every model
+    assert "| b0/grpo_r0 |" in proc.stdout and "| b0/expo_paper_r0 |" in proc.stdout
+    assert ("wrote" in proc.stdout) or ("no plot: matplotlib is not installed" in proc.stdout)
+    assert proc.stdout.rstrip().splitlines()[-1].startswith("total ")
+
+
+def test_two_rank_offline_expo_on_the_toy_reuses_cached_explanations(tmp_path):
+    model = toy.build_toy_model(str(tmp_path / "toy"), steps=20, batch_size=32, eval_size=0, verbose=False)
+    args = ["--model", model, "--dataset", "addition", "--levels", "5-6", "--batch_size", "4", "--num_generations", "4",
+            "--temperature", "1.0", "--beta", "0", "--lr", "2e-3", "--max_new_tokens", "48", "--max_steps", "2",
+            "--no_gradient_checkpointing", "--save_every", "0", "--probe_every", "0"]
+    env = {"EXPO_CACHE": str(tmp_path / "cache")}
+    first = run_torchrun("expo_grpo.py", args + ["--output_dir", str(tmp_path / "a")], env=env).stdout
+    second = run_torchrun("expo_grpo.py", args + ["--output_dir", str(tmp_path / "b"), "--seed", "0"], env=env).stdout
+    assert "offline explanations for 8 questions: 0 cached, 8 sampled now" in first
+    assert "offline explanations for 8 questions: 8 cached, 0 sampled now" in second
+    for run in ("a", "b"):
+        with open(tmp_path / run / "metrics.jsonl") as f:
+            rows = [json.loads(line) for line in f]
+        assert [r["step"] for r in rows] == [1, 2] and "expl_verified" in rows[0]
+        assert all(v == v and abs(v) != float("inf") for r in rows for v in r.values() if isinstance(v, float))
