@@ -1,13 +1,13 @@
 """Benchmark 1: step time of `expo_grpo.py --sft_source none` against trl's GRPOTrainer, one CPU process each.
 
 Same tiny model (toy.build_tiny_model), same synthetic prompts under the same chat template, same G, batch,
-micro-batch, beta 0.04, lr, clip, temperature, seq-mean loss, fp32, gradient checkpointing on in both, and the
-same completion length in both (min_new_tokens = max_new_tokens). Runs alternate expo, trl, expo, trl...;
+micro-batch, beta 0.04, lr, clip, temperature, seq-mean loss, fp32, activation checkpointing on in both or off in
+both (`--checkpointing`), and the same completion length in both (min_new_tokens = max_new_tokens). Runs alternate expo, trl, expo, trl...;
 each run's first `--warmup` optimizer steps are dropped, the rest are timed, and the table gives the medians
 and the ratio of the medians of the same repetitions.
 
     python benchmarks/bench_trl.py                       # about 5 minutes on 2 CPU cores
-    python benchmarks/bench_trl.py --reps 5 --steps 8
+    python benchmarks/bench_trl.py --reps 5 --steps 8 --checkpointing off
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def trl_worker(a) -> None:
             generation_kwargs={"min_new_tokens": a.max_new_tokens}, temperature=0.9, top_p=1.0, top_k=0,
             beta=0.04, epsilon=0.2, loss_type="grpo", scale_rewards="group", num_iterations=1,
             learning_rate=3e-6, lr_scheduler_type="cosine", warmup_steps=0.1, weight_decay=0.0, max_grad_norm=1.0,
-            optim="adamw_torch", gradient_checkpointing=True, log_completions=False, disable_dropout=True,
+            optim="adamw_torch", gradient_checkpointing=a.checkpointing == "on", log_completions=False, disable_dropout=True,
             dataloader_num_workers=0,
         )
         trainer = GRPOTrainer(model=path, reward_funcs=reward, args=config, train_dataset=data,
@@ -75,7 +75,8 @@ def trl_worker(a) -> None:
 def run_trl(a) -> list[float]:
     cmd = [sys.executable, os.path.abspath(__file__), "--trl_worker", "--steps", str(a.steps), "--warmup",
            str(a.warmup), "--batch_size", str(a.batch_size), "--G", str(a.G), "--micro_batch_size",
-           str(a.micro_batch_size), "--max_new_tokens", str(a.max_new_tokens), "--levels", a.levels]
+           str(a.micro_batch_size), "--max_new_tokens", str(a.max_new_tokens), "--levels", a.levels,
+           "--checkpointing", a.checkpointing]
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=1200)
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("STEP_SECONDS")]
     if proc.returncode != 0 or not line:
@@ -93,6 +94,7 @@ def main():
     p.add_argument("--micro_batch_size", type=int, default=8, help="sequences per forward/backward pass")
     p.add_argument("--max_new_tokens", type=int, default=64, help="completion length (forced)")
     p.add_argument("--levels", default="1-2", help="synthetic problem levels")
+    p.add_argument("--checkpointing", choices=["on", "off"], default="on", help="activation checkpointing, both sides")
     p.add_argument("--trl_worker", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.trl_worker:
@@ -102,7 +104,8 @@ def main():
                  "--batch_size", str(a.batch_size), "--num_generations", str(a.G), "--micro_batch_size",
                  str(a.micro_batch_size), "--gen_batch_size", str(a.batch_size * a.G), "--max_new_tokens",
                  str(a.max_new_tokens), "--min_new_tokens", str(a.max_new_tokens), "--beta", "0.04",
-                 "--temperature", "0.9", "--max_steps", str(a.warmup + a.steps), "--gradient_checkpointing", "true"]
+                 "--temperature", "0.9", "--max_steps", str(a.warmup + a.steps),
+                 "--gradient_checkpointing", "true" if a.checkpointing == "on" else "false"]
     load_before = load_average()
     rows = []
     for rep in range(a.reps):
@@ -113,7 +116,7 @@ def main():
     expo_m, trl_m = median([r[1] for r in rows]), median([r[2] for r in rows])
     rows.append(["median", expo_m, trl_m, median([r[3] for r in rows])])
     print(f"Step time, expo_grpo.py --sft_source none vs trl GRPOTrainer (tiny model, {a.batch_size} questions x G "
-          f"{a.G}, {a.max_new_tokens} forced new tokens, beta 0.04, fp32, 1 CPU thread; median of {a.steps} steps "
+          f"{a.G}, {a.max_new_tokens} forced new tokens, beta 0.04, fp32, checkpointing {a.checkpointing} on both sides, 1 CPU thread; median of {a.steps} steps "
           f"after {a.warmup} warm-up; load average {load_before} -> {load_average()}). Target: ratio <= 0.8.\n")
     print(table(["repetition", "expo s/step", "trl s/step", "expo / trl"], rows))
 
