@@ -190,6 +190,22 @@ def check_output_dir(path: str) -> None:
         raise ValueError(f"output directory {path!r} cannot be written: {existing!r} {why}")
 
 
+def reject_bad_args(problems: list[tuple[bool, str]], args, script: str) -> None:
+    """A trainer's flag check, before anything is loaded: exit with one line `SCRIPT: error: ...` on the first
+    of `problems` [(bad, message)], or on a model, data set or output directory that cannot work."""
+    for bad, message in problems:
+        if bad:
+            raise SystemExit(f"{script}: error: {message}")
+    try:
+        check_model_name(args.model)
+        check_dataset_name(args.dataset)
+        if args.eval_every and args.eval_dataset:
+            check_dataset_name(args.eval_dataset)
+        check_output_dir(args.output_dir)
+    except ValueError as e:
+        raise SystemExit(f"{script}: error: {e}")
+
+
 class LoadError(ValueError):
     """A model or tokenizer that cannot be loaded: one line naming it and why (the trainers print it and exit)."""
 

@@ -40,12 +40,10 @@ import torch
 import torch.nn.functional as F
 
 import toy  # noqa: F401  (registers --model tiny|toy and --dataset synthetic|addition)
-from common import (LoadError, MetricsLogger, Timer, all_reduce_dict, check_dataset_name, check_model_name,
-                    check_output_dir, cleanup_distributed, cosine_schedule, device_mesh, end_of_step,
-                    explanation_prompt, gather_objects, global_batch, init_distributed, latest_checkpoint,
-                    load_checkpoint, load_model, load_run_data, load_tokenizer, make_batch, optimizer_step,
-                    print0, question_prompt, sample, seed_everything, shard_model, token_logprobs,
-                    verify_answer)
+from common import (LoadError, MetricsLogger, Timer, all_reduce_dict, cleanup_distributed, cosine_schedule, device_mesh,
+                    end_of_step, explanation_prompt, gather_objects, global_batch, init_distributed, latest_checkpoint,
+                    load_checkpoint, load_model, load_run_data, load_tokenizer, make_batch, optimizer_step, print0,
+                    question_prompt, reject_bad_args, sample, seed_everything, shard_model, token_logprobs, verify_answer)
 
 
 @dataclass
@@ -120,17 +118,7 @@ def validate_args(args: Args, world_size: int) -> None:
          f"rank is not divisible by --micro_batch_size {args.micro_batch_size}"),
         (args.resume and latest_checkpoint(args.output_dir) is None, f"--resume: no checkpoint in {args.output_dir}"),
     ]
-    for bad, message in problems:
-        if bad:
-            raise SystemExit(f"expo_dpo.py: error: {message}")
-    try:
-        check_model_name(args.model)
-        check_dataset_name(args.dataset)
-        if args.eval_every and args.eval_dataset:
-            check_dataset_name(args.eval_dataset)
-        check_output_dir(args.output_dir)
-    except ValueError as e:
-        raise SystemExit(f"expo_dpo.py: error: {e}")
+    reject_bad_args(problems, args, "expo_dpo.py")
 
 
 # ====================================================================================================

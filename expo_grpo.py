@@ -48,12 +48,11 @@ from typing import Literal, Optional
 import torch
 
 import toy  # noqa: F401  (registers --model tiny|toy and --dataset synthetic|addition)
-from common import (CACHE_DIR, STEP_CHECKERS, LoadError, MetricsLogger, Timer, all_reduce_dict, check_dataset_name,
-                    check_model_name, check_output_dir, cleanup_distributed, cosine_schedule, device_mesh, end_of_step,
-                    explanation_prompt, gather_objects, global_batch, init_distributed, latest_checkpoint,
-                    load_checkpoint, load_model, load_run_data, load_tokenizer, make_batch, optimizer_step,
-                    print0, question_prompt, resolve_model_path, sample, score_answers, seed_everything,
-                    shard_model, token_logprobs, verify_answer)
+from common import (CACHE_DIR, STEP_CHECKERS, LoadError, MetricsLogger, Timer, all_reduce_dict, cleanup_distributed,
+                    cosine_schedule, device_mesh, end_of_step, explanation_prompt, gather_objects, global_batch,
+                    init_distributed, latest_checkpoint, load_checkpoint, load_model, load_run_data, load_tokenizer,
+                    make_batch, optimizer_step, print0, question_prompt, reject_bad_args, resolve_model_path, sample,
+                    score_answers, seed_everything, shard_model, token_logprobs, verify_answer)
 
 
 @dataclass
@@ -155,17 +154,7 @@ def validate_args(args: Args, world_size: int) -> None:
         (args.eval_temperature < 0, "--eval_temperature must be >= 0"),
         (args.resume and latest_checkpoint(args.output_dir) is None, f"--resume: no checkpoint in {args.output_dir}"),
     ]
-    for bad, message in problems:
-        if bad:
-            raise SystemExit(f"expo_grpo.py: error: {message}")
-    try:
-        check_model_name(args.model)
-        check_dataset_name(args.dataset)
-        if args.eval_every and args.eval_dataset:
-            check_dataset_name(args.eval_dataset)
-        check_output_dir(args.output_dir)
-    except ValueError as e:
-        raise SystemExit(f"expo_grpo.py: error: {e}")
+    reject_bad_args(problems, args, "expo_grpo.py")
 
 
 # ====================================================================================================
