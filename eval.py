@@ -174,6 +174,13 @@ def evaluate(model, tokenizer, rows: list[dict], n: int = 4, temperature: float 
     return summary, samples
 
 
+def evaluate_run(model, tokenizer, rows: list[dict], args) -> dict:
+    """What a trainer logs every --eval_every steps: accuracy and pass@k of its --eval_* flags, as eval/<key>."""
+    summary, _ = evaluate(model, tokenizer, rows, n=args.eval_num_samples, temperature=args.eval_temperature,
+                          max_new_tokens=args.max_new_tokens, micro_batch_size=args.gen_batch_size)
+    return scalar_metrics(summary, prefix="eval/")
+
+
 # ----------------------------------------------------------------------------------------------------
 # Training curves: `eval.py plot RUN_DIR [RUN_DIR ...] --out FILE.png`
 # ----------------------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 import toy  # noqa: F401  (registers --model tiny|toy and --dataset synthetic|addition)
+from eval import evaluate_run
 from common import (LoadError, MetricsLogger, Timer, all_reduce_dict, cleanup_distributed, cosine_schedule, device_mesh,
                     end_of_step, explanation_prompt, gather_objects, global_batch, init_distributed, latest_checkpoint,
                     load_checkpoint, load_model, load_run_data, load_tokenizer, make_batch, optimizer_step, print0,
@@ -294,15 +295,6 @@ def read_pairs(path: str) -> dict[int, dict]:
     return pairs
 
 
-def run_eval(model, tokenizer, rows: list[dict], args: Args) -> dict:
-    """eval.py's accuracy and pass@k on held-out questions, overall and per level, as eval/<key>."""
-    from eval import evaluate, scalar_metrics
-
-    summary, _ = evaluate(model, tokenizer, rows, n=args.eval_num_samples, temperature=args.eval_temperature,
-                          max_new_tokens=args.max_new_tokens, micro_batch_size=args.gen_batch_size)
-    return scalar_metrics(summary, prefix="eval/")
-
-
 def main():
     from transformers import HfArgumentParser
 
@@ -432,7 +424,7 @@ def main():
             metrics["train_tok_s"] /= t_train.seconds
         metrics.update({"empty_steps": state["empty_steps"], "step_seconds": t_train.seconds})
         end_of_step(step, total_steps, metrics, args, model, tokenizer, optimizer, scheduler, logger, state,
-                    evaluate=lambda: run_eval(model, tokenizer, eval_rows, args))
+                    evaluate=lambda: evaluate_run(model, tokenizer, eval_rows, args))
 
     print0(f"done: {total_steps} steps, model exported to {os.path.join(args.output_dir, 'hf')}")
     cleanup_distributed()

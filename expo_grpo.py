@@ -48,6 +48,7 @@ from typing import Literal, Optional
 import torch
 
 import toy  # noqa: F401  (registers --model tiny|toy and --dataset synthetic|addition)
+from eval import evaluate_run
 from common import (CACHE_DIR, STEP_CHECKERS, LoadError, MetricsLogger, Timer, all_reduce_dict, cleanup_distributed,
                     cosine_schedule, device_mesh, end_of_step, explanation_prompt, gather_objects, global_batch,
                     init_distributed, latest_checkpoint, load_checkpoint, load_model, load_run_data, load_tokenizer,
@@ -479,15 +480,6 @@ def offline_explanations(model, tokenizer, rows: list[dict], args: Args) -> tupl
     return bank, f"{len(rows) - len(missing)} cached, {len(missing)} sampled now -> {path}"
 
 
-def run_eval(model, tokenizer, rows: list[dict], args: Args) -> dict:
-    """eval.py's accuracy and pass@k on held-out questions, overall and per level, as eval/<key>."""
-    from eval import evaluate, scalar_metrics
-
-    summary, _ = evaluate(model, tokenizer, rows, n=args.eval_num_samples, temperature=args.eval_temperature,
-                          max_new_tokens=args.max_new_tokens, micro_batch_size=args.gen_batch_size)
-    return scalar_metrics(summary, prefix="eval/")
-
-
 def main():
     from transformers import HfArgumentParser
 
@@ -663,7 +655,7 @@ def main():
             {"question": batch[i]["question"], "answer": batch[i]["answer"], "completion": out["texts"][i * G],
              "reward": float(rewards[i * G])} for i in range(min(args.log_samples, nq))])
         end_of_step(step, total_steps, metrics, args, model, tokenizer, optimizer, scheduler, logger, state,
-                    evaluate=lambda: run_eval(model, tokenizer, eval_rows, args))
+                    evaluate=lambda: evaluate_run(model, tokenizer, eval_rows, args))
 
     print0(f"done: {total_steps} steps, {state['skipped_steps']} optimizer updates skipped (non-finite), "
            f"model in {os.path.join(args.output_dir, 'hf')}")
