@@ -93,3 +93,50 @@ def reset_peak_rss() -> float:
 def peak_rss_mb() -> float:
     """Peak resident memory since the last `reset_peak_rss`, MiB."""
     return _status_mb("VmHWM")
+
+
+class Phases:
+    """Wall seconds spent in named functions, for a profile by phase: `wrap(owner, name, label)` replaces
+    `owner.name` with a wrapper that adds its time to `label` (a string, or a function of no argument that
+    returns one, evaluated at the call). A wrapped call made inside another wrapped call counts for the outer
+    one only, so phases never overlap; what no wrapper covers is the step time minus their sum."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.busy = False
+        self.marks: list[tuple[float, dict[str, float]]] = []  # (time, seconds so far) at each step's end
+
+    def wrap(self, owner, name: str, label) -> None:
+        import functools
+        import time
+
+        fn = getattr(owner, name)
+
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            if self.busy:
+                return fn(*args, **kwargs)
+            key = label() if callable(label) else label
+            self.busy, start = True, time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.busy = False
+                self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - start
+
+        setattr(owner, name, timed)
+
+    def mark(self) -> None:
+        """Call at the end of each optimizer step."""
+        import time
+
+        self.marks.append((time.perf_counter(), dict(self.seconds)))
+
+    def per_step(self, warmup: int, steps: int) -> dict[str, float]:
+        """Mean seconds per step of each phase over `steps` steps after the first `warmup` (>= 1), with `step`
+        (the whole step) and `other` (the step minus the phases)."""
+        (t0, s0), (t1, s1) = self.marks[warmup - 1], self.marks[warmup - 1 + steps]
+        out = {k: (s1.get(k, 0.0) - s0.get(k, 0.0)) / steps for k in s1}
+        out["step"] = (t1 - t0) / steps
+        out["other"] = out["step"] - sum(v for k, v in out.items() if k != "step")
+        return out

@@ -179,6 +179,26 @@ def test_top_p_keeps_exactly_the_nucleus():
     assert set(next_tokens(logits, 0.0, 1.0).tolist()) == {0}
 
 
+def test_next_tokens_draws_from_softmax_over_t_row_by_row():
+    """The inverse-CDF draw of next_tokens against softmax(logits / T) computed here in float64: two rows with
+    different distributions over a 152k-token vocabulary (Qwen2.5's size, where float32 rounding of the
+    cumulative sum would show first), each with tokens of probability 0 (-inf logits) that are never drawn."""
+    g = torch.Generator().manual_seed(0)
+    V_big, T, draws = 151936, 0.7, 3000
+    logits = torch.randn(2, V_big, generator=g, dtype=torch.float64) * 4
+    logits[0, ::3] = float("-inf")  # a third of row 0's vocabulary, the last token included, has probability 0
+    logits[1, 1000:] = float("-inf")
+    probs = torch.softmax(logits / T, dim=-1)  # (2, V) the reference, in float64
+    torch.manual_seed(3)
+    rows = logits.float().repeat(100, 1)  # 100 draws per call from each row: (200, V)
+    drawn = torch.cat([next_tokens(rows, T, 1.0).view(100, 2) for _ in range(draws // 100)])  # (draws, 2)
+    for row in range(2):
+        counts = torch.bincount(drawn[:, row], minlength=V_big)
+        ok, stat, crit = chi_square_ok(counts, probs[row])
+        assert ok, (row, stat, crit)
+    assert (drawn[:, 0] % 3 != 0).all() and (drawn[:, 1] < 1000).all()
+
+
 def test_checkpoint_generation_config_never_applies():
     """A generation_config with do_sample, top_k 1, temperature 0.1 and repetition_penalty 2.0: the draws still
     follow softmax(logits / T) of the T asked for, and generate (with its logits processors) is never called."""
@@ -288,11 +308,14 @@ def test_eval_mode_during_sampling_and_mode_restored():
 def test_fsdp_two_ranks_uneven_work_no_collectives_while_decoding(tmp_path):
     """torchrun, 2 gloo ranks, FSDP2-sharded model: rank 1 gets no prompt in the first call and one long
     completion in the second, rank 0 several; a collective while decoding would deadlock (1-minute timeout)
-    or fail. Each rank's greedy completions equal generate's on an unsharded copy (tests/workers/sampling_worker.py)."""
+    or fail. Each rank's greedy completions equal generate's on an unsharded copy (tests/workers/sampling_worker.py).
+    FSDP's forward hooks, taken off while decoding, are back afterwards (one pre, one post per sharded module),
+    and a forward + backward after sampling gives the unsharded copy's gradient."""
     import json
 
     run_torchrun(os.path.join("tests", "workers", "sampling_worker.py"), [str(tmp_path)], timeout=180)
     results = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
     for r in results:
         assert r["match"], r
+        assert r["hooks_back"] and r["hooks"] == [1, 1] and r["grads_match"], r
     assert results[0]["counts"] == [5, 3] and results[1]["counts"] == [0, 1]
