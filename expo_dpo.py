@@ -331,7 +331,9 @@ def main():
     mesh = device_mesh(device, hybrid=args.hybrid_shard)
     model = shard_model(policy, device, mesh, bf16=args.bf16)
     ref_model = shard_model(ref_model, device, mesh, trainable=False, bf16=args.bf16) if online else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    # foreach: one kernel per operation over all tensors, as AdamW picks by itself on GPU; on CPU its default
+    # goes tensor by tensor (3x slower for sharded parameters, the same result)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, foreach=True)
     scheduler = cosine_schedule(optimizer, total_steps, args.warmup_ratio)
     state = {"round": -1, "pairs_path": None, "pairs_until": 0, "rounds_built": 0, "skipped_steps": 0,
              "empty_steps": 0, "bad_in_a_row": 0}

@@ -5,14 +5,14 @@ tokenizer, or any local `--model` directory), same data and prompts under the sa
 micro-batch, beta 0.04, lr, clip, temperature, seq-mean loss, fp32, activation checkpointing on in both or off in
 both (`--checkpointing`), and the same completion length in both (min_new_tokens = max_new_tokens). Runs
 alternate expo, trl, expo, trl...; each run's first `--warmup` optimizer steps are dropped, the rest are timed,
-and the table gives the medians and the ratio of the medians of the same repetitions. `--profile` runs each
-side once and splits its step into phases (sampling, rewards, reference pass, policy forward, backward,
-optimizer, metrics) by timing the functions that do them.
+and the table gives the medians and the ratio of the medians of the same repetitions. `--profile` splits each
+side's step into phases (sampling, rewards, reference pass, policy forward, backward, optimizer, metrics) by
+timing the functions that do them; each phase is the median over --reps runs.
 
     python benchmarks/bench_trl.py                       # about 2 minutes on 2 CPU cores
     python benchmarks/bench_trl.py --reps 5 --steps 8 --checkpointing off
     python benchmarks/bench_trl.py --layers 4 --width 128 --dataset openai/gsm8k --dataset_config main --G 4
-    python benchmarks/bench_trl.py --profile
+    python benchmarks/bench_trl.py --profile --reps 3
 """
 
 from __future__ import annotations
@@ -191,11 +191,14 @@ def run_trl(a) -> list[float]:
 def profile(a) -> None:
     import json
 
-    expo = json.loads(run_worker(a, "expo_profile_worker", "PHASES"))
-    trl = json.loads(run_worker(a, "trl_worker", "PHASES"))
-    rows = [[k, expo.get(k, 0.0), trl.get(k, 0.0), expo.get(k, 0.0) - trl.get(k, 0.0)] for k in PHASES]
+    runs = {"expo": [], "trl": []}
+    for _ in range(a.reps):  # alternating, as the timed runs
+        runs["expo"].append(json.loads(run_worker(a, "expo_profile_worker", "PHASES")))
+        runs["trl"].append(json.loads(run_worker(a, "trl_worker", "PHASES")))
+    expo, trl = ({k: median([r.get(k, 0.0) for r in runs[side]]) for k in PHASES} for side in ("expo", "trl"))
+    rows = [[k, expo[k], trl[k], expo[k] - trl[k]] for k in PHASES]
     print(f"Where a step's time goes, {describe(a)}: seconds per step, mean of {a.steps} steps after {a.warmup} "
-          f"warm-up, one run each (load average {load_average()}).\n")
+          f"warm-up, median of {a.reps} runs each, alternating (load average {load_average()}).\n")
     print(table(["phase", "expo s", "trl s", "expo - trl"], rows))
 
 
@@ -222,7 +225,7 @@ def main():
     p.add_argument("--width", type=int, default=128, help="hidden size of the --layers model")
     p.add_argument("--dataset", default="synthetic", help="`synthetic`, a local .jsonl file or a hub data set")
     p.add_argument("--dataset_config", default="", help="hub data set config (openai/gsm8k: main)")
-    p.add_argument("--profile", action="store_true", help="one run each, its step split into phases")
+    p.add_argument("--profile", action="store_true", help="split each side's step into phases (median of --reps)")
     p.add_argument("--trl_worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--expo_profile_worker", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()

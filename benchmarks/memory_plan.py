@@ -92,7 +92,6 @@ class Setting:
     checkpointing: bool
     ref: bool
     kv_repeated: bool  # sdpa with a padding mask repeats k, v to every head (flash-attn does not)
-    foreach_adam: bool  # GPU: AdamW's foreach path; CPU: one tensor at a time
 
 
 # ---- one function per part; bytes per GPU ---------------------------------------------------------
@@ -127,7 +126,8 @@ def kv_cache(s: Shape, a: Setting, tokens: int | None = None) -> int:
 def decoding_work(s: Shape, a: Setting) -> int:
     """The larger of prefill and the last decoding step, beyond the gathered parameters.
     prefill: cache of the prompt + one layer's transients, gen_b prompt w (2H residual + max(q,k,v + repeated k,v +
-             attention out + its contiguous copy: 5H + 2kv, MLP gate/silu/up: 3I));
+             attention out + its contiguous copy: 5H + 2kv, MLP gate/silu/up: 3I)); an upper bound, since
+             `common.sample` prefills each distinct prompt once for its n samples;
     last step: full cache + one layer's k, v copied by DynamicCache's torch.cat + 4 fp32 (gen_b, V) logits copies."""
     prefill = kv_cache(s, a, a.prompt) + a.gen_b * a.prompt * a.w * (2 * s.H + max(5 * s.H + 2 * s.kv, 3 * s.I))
     last = kv_cache(s, a) + 2 * s.kv * (a.prompt + a.new) * a.gen_b * a.w + 4 * a.gen_b * s.V * 4
@@ -193,9 +193,8 @@ def no_grad_pass(s: Shape, a: Setting) -> int:
 
 
 def optimizer_work(s: Shape, a: Setting) -> int:
-    """AdamW's temporary sqrt(exp_avg_sq): for all parameters at once on GPU (foreach, 4P/n), for the largest
-    tensor twice on CPU (sqrt, then its quotient)."""
-    return 4 * s.params // a.n if a.foreach_adam else 2 * 4 * s.V * s.H // a.n
+    """AdamW's temporary sqrt(exp_avg_sq), for all parameters at once (the trainers' foreach path): 4P/n."""
+    return 4 * s.params // a.n
 
 
 def plan(s: Shape, a: Setting) -> dict:
@@ -242,8 +241,7 @@ def setting(args, s: Shape, **override) -> Setting:
     return Setting(n=args.gpus, w=2 if args.bf16 else 4, b=b, T=T,
                    N=b * args.max_new_tokens if grpo else b * (T - 1), entropy=grpo, gen_b=gb,
                    prompt=args.prompt_tokens, new=args.max_new_tokens, checkpointing=args.gradient_checkpointing,
-                   ref=args.beta > 0 if grpo else args.regen_every > 0, kv_repeated=args.attn == "sdpa",
-                   foreach_adam=args.device != "cpu")
+                   ref=args.beta > 0 if grpo else args.regen_every > 0, kv_repeated=args.attn == "sdpa")
 
 
 def largest(args, s: Shape, key: str, phases: tuple, usable: float, cap: int = 2**14) -> int:
@@ -366,7 +364,7 @@ def measure(args, s: Shape) -> None:
                         bf16=args.bf16)
     ref = shard_model(load_model(args.model, info.device), info.device, mesh, trainable=False,
                       bf16=args.bf16) if a.ref else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, foreach=True)  # as the trainers
     g = torch.Generator().manual_seed(info.rank)
 
     def train(b: int, prompt: int, new: int, micro_batches: int = 2) -> None:

@@ -106,6 +106,19 @@ def test_predicted_peak_within_25_percent_of_measured_on_cpu(tmp_path):
         assert 0.75 <= r["ratio"] <= 1.25, r
 
 
+def test_bench_gpu_command_runs_on_cpu():
+    """benchmarks/bench_gpu.py (the GPU figures, with the plan's prediction beside them) runs to its tables on 2
+    gloo ranks in its small shape, and counts the parameters of that shape as counted here by hand."""
+    proc = run_torchrun(os.path.join(ROOT, "benchmarks", "bench_gpu.py"),
+                        ["--shape", "small", "--device", "cpu", "--batch_size", "2", "--num_generations", "2",
+                         "--prompt_tokens", "12", "--max_new_tokens", "6", "--micro_batch_size", "2", "--steps", "1"],
+                        timeout=600)
+    H, I, V, L, q, kv = 128, 256, 151936, 2, 128, 64  # 2 heads of 64, 1 KV head
+    layer = H * (q + 2 * kv) + q + 2 * kv + q * H + 3 * H * I + 2 * H  # q,k,v + biases, o, MLP, 2 norms
+    assert f"{L * layer + V * H + H:,} parameters" in proc.stdout, proc.stdout
+    assert "| rollout tok/s |" in proc.stdout and "| sampling |" in proc.stdout, proc.stdout
+
+
 if __name__ == "__main__":
     import tempfile
 
