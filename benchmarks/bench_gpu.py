@@ -50,7 +50,7 @@ def predicted_phases(a, config, world: int, bf16: bool) -> dict[str, float]:
                           "--gen_batch_size", str(a.gen_batch_size), "--max_new_tokens", str(a.max_new_tokens),
                           "--prompt_tokens", str(a.prompt_tokens), "--batch_size", str(a.batch_size),
                           "--num_generations", str(a.num_generations), "--device", "gpu" if bf16 else "cpu",
-                          "--bf16", str(bf16), "--attn", "flash" if a.attn == "flash_attention_2" else "sdpa"])
+                          "--bf16", str(bf16)])
     return mp.plan(s, mp.setting(args, s))["phases"]
 
 

@@ -91,7 +91,6 @@ class Setting:
     new: int
     checkpointing: bool
     ref: bool
-    kv_repeated: bool  # sdpa with a padding mask repeats k, v to every head (flash-attn does not)
 
 
 # ---- one function per part; bytes per GPU ---------------------------------------------------------
@@ -137,13 +136,12 @@ def decoding_work(s: Shape, a: Setting) -> int:
 def layer_activations(s: Shape, a: Setting) -> int:
     """Bytes one Qwen2 decoder layer saves for backward, per token (sdpa or flash attention: no T x T scores):
       2 RMSNorms x (4H fp32 upcast of the input + 2wH normalised and weighted outputs)
-      + w (q: H, k and v: 2H when sdpa repeats them under a padding mask / 2kv with flash-attn,
-           attention output H, o_proj's contiguous input H)
+      + w (q: H, k and v: 2kv, not repeated to every head: training batches are right-padded, so they run
+           without a mask and sdpa takes its grouped-query path; attention output H, o_proj's contiguous input H)
       + w 4I (MLP: gate, silu(gate), up, their product)
       + w H layer input, kept by output_hidden_states (when w = 4 it is the first norm's fp32 input already).
-    Qwen2.5-3B in bf16, sdpa: 28H + 8I = 145,408 bytes per token per layer."""
-    kv = 2 * s.heads * s.head_dim if a.kv_repeated else 2 * s.kv
-    per_token = 2 * (4 * s.H + 2 * a.w * s.H) + a.w * (s.heads * s.head_dim + kv + 2 * s.H + 4 * s.I)
+    Qwen2.5-3B in bf16: 24H + 4kv + 8I = 138,240 bytes per token per layer."""
+    per_token = 2 * (4 * s.H + 2 * a.w * s.H) + a.w * (s.heads * s.head_dim + 2 * s.kv + 2 * s.H + 4 * s.I)
     return per_token + (a.w * s.H if a.w != 4 else 0)
 
 
@@ -241,7 +239,7 @@ def setting(args, s: Shape, **override) -> Setting:
     return Setting(n=args.gpus, w=2 if args.bf16 else 4, b=b, T=T,
                    N=b * args.max_new_tokens if grpo else b * (T - 1), entropy=grpo, gen_b=gb,
                    prompt=args.prompt_tokens, new=args.max_new_tokens, checkpointing=args.gradient_checkpointing,
-                   ref=args.beta > 0 if grpo else args.regen_every > 0, kv_repeated=args.attn == "sdpa")
+                   ref=args.beta > 0 if grpo else args.regen_every > 0)
 
 
 def largest(args, s: Shape, key: str, phases: tuple, usable: float, cap: int = 2**14) -> int:
@@ -279,8 +277,6 @@ def parse_args(argv=None):
     p.add_argument("--beta", type=float, default=0.04, help="GRPO: > 0 loads the reference model")
     p.add_argument("--regen_every", type=int, default=1, help="DPO: > 0 (online) loads the reference model")
     p.add_argument("--gradient_checkpointing", type=t, default=True)
-    p.add_argument("--attn", choices=["sdpa", "flash"], default="sdpa",
-                   help="sdpa: k, v repeated to every head under a padding mask; flash: flash_attention_2")
     p.add_argument("--batch_size", type=int, default=16, help="GRPO: questions per step, all ranks together")
     p.add_argument("--num_generations", type=int, default=8, help="GRPO: G")
     p.add_argument("--device", choices=["gpu", "cpu"], default="gpu", help="cpu: as a CPU run (fp32 unless --bf16)")

@@ -178,6 +178,36 @@ def test_token_logprobs_gradient_matches_naive(tiny):
     model.zero_grad()
 
 
+def test_token_logprobs_padding_on_either_side_matches_each_row_alone(tiny):
+    """Right padding runs without an attention mask (causal attention already hides the later pads), left
+    padding with one: both give each row's own log-probs and the gradient of the rows computed one at a time,
+    unpadded."""
+    model, tok = tiny
+    rows = [[3, 4, 5, 6, 9, 10, 11], [7, 8, 12], [5, 9, 13, 14, 6]]
+    pad, width = tok.pad_token_id, max(map(len, rows))
+    alone, grads_alone = [], None
+    model.zero_grad()
+    for r in rows:
+        logp = common.token_logprobs(model, torch.tensor([r]), torch.ones(1, len(r), dtype=torch.long))
+        logp.sum().backward()
+        alone.append(logp.detach()[0])
+    grads_alone = [p.grad.clone() for p in model.parameters()]
+    for side in ("right", "left"):
+        ids = torch.tensor([r + [pad] * (width - len(r)) if side == "right" else [pad] * (width - len(r)) + r
+                            for r in rows])
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) if side == "right" else
+                             [0] * (width - len(r)) + [1] * len(r) for r in rows])
+        model.zero_grad()
+        logp = common.token_logprobs(model, ids, mask)
+        real = mask[:, 1:].bool() & mask[:, :-1].bool()  # positions whose token and context are both real
+        (logp * real).sum().backward()
+        for i, r in enumerate(rows):
+            torch.testing.assert_close(logp.detach()[i][real[i]], alone[i], atol=1e-5, rtol=1e-5)
+        for a, p in zip(grads_alone, model.parameters()):
+            torch.testing.assert_close(p.grad, a, atol=1e-5, rtol=1e-4)
+    model.zero_grad()
+
+
 def test_token_logprobs_positions_computes_only_those(tiny):
     """`positions` (the completion mask) gives the same values and gradients there, 0 elsewhere."""
     model, tok = tiny

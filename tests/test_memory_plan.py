@@ -85,7 +85,7 @@ def test_qwen25_3b_figures_by_hand(tmp_path):
     # 36 layers x (k, v) x 2 kv heads x 128 x (300 + 1024 tokens) x 32 sequences x 2 bytes (bf16)
     assert memory_plan.kv_cache(s, a) == 36 * 2 * 256 * 1324 * 32 * 2 == 1_561_853_952
     assert memory_plan.logprob_chunk(s) == 441  # 2**26 // 151936: a 256 MiB fp32 block
-    assert memory_plan.layer_activations(s, a) == 28 * 2048 + 8 * 11008  # bf16, sdpa: see its docstring
+    assert memory_plan.layer_activations(s, a) == 24 * 2048 + 4 * 256 + 8 * 11008  # bf16: see its docstring
 
 
 def test_cli_fits_and_largest_batches(tmp_path, capsys):
