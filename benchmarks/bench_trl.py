@@ -1,17 +1,19 @@
 """Benchmark 1: step time of `expo_grpo.py --sft_source none` against trl's GRPOTrainer, one CPU process each.
 
 Same model (the tiny model, or `--layers L --width W`: a random Qwen2 of that shape over the tiny model's
-tokenizer, or any local `--model` directory), same data and prompts under the same chat template, same G, batch,
-micro-batch, beta 0.04, lr, clip, temperature, seq-mean loss, fp32, activation checkpointing on in both or off in
-both (`--checkpointing`), and the same completion length in both (min_new_tokens = max_new_tokens). Runs
+tokenizer, or any local `--model` directory), same data set (each side draws its own questions) under the same
+chat template, same G, batch, micro-batch, beta 0.04, lr, clip, temperature, seq-mean loss, fp32, activation
+checkpointing on in both or off in both (`--checkpointing`), and the same completion length in both
+(min_new_tokens = max_new_tokens). Runs
 alternate expo, trl, expo, trl...; each run's first `--warmup` optimizer steps are dropped, the rest are timed,
-and the table gives the medians and the ratio of the medians of the same repetitions. `--profile` splits each
+and the table gives each run's median step and the median of the per-repetition ratios. `--profile` splits each
 side's step into phases (sampling, rewards, reference pass, policy forward, backward, optimizer, metrics) by
 timing the functions that do them; each phase is the median over --reps runs.
 
     python benchmarks/bench_trl.py                       # about 2 minutes on 2 CPU cores
     python benchmarks/bench_trl.py --reps 5 --steps 8 --checkpointing off
-    python benchmarks/bench_trl.py --layers 4 --width 128 --dataset openai/gsm8k --dataset_config main --G 4
+    python benchmarks/bench_trl.py --layers 4 --width 128 --dataset openai/gsm8k --dataset_config main --levels all \\
+        --G 4 --micro_batch_size 4
     python benchmarks/bench_trl.py --profile --reps 3
 """
 
