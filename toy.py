@@ -205,24 +205,76 @@ def addition_solution(a: int, b: int) -> str:
     return " ".join(steps) + f" \\boxed{{{a + b}}}"
 
 
-def addition_problem(rng: random.Random, digits: int) -> dict:
-    """One row of the `addition` dataset: two `digits`-digit numbers (no leading zero; 0-9 for one digit)."""
+# An expert's solution, the positive sample of `--sft_source expert` and `--chosen expert`, is written as a person
+# would, not in the base model's format: that is the paper's situation (Property 1: an expert CoT is out of the
+# model's distribution, a self-explanation is not). Two styles tell apart "foreign" and "skips steps the model
+# needs"; SFT on the model's own format (`addition_own`) is an upper bound that no real data set provides.
+
+def addition_terse(a: int, b: int) -> str:
+    """The expert as a person writes it, carries done in the head: column sums left to right, then the answer.
+    Out of the model's distribution and missing the carries the model's own procedure writes down.
+
+    >>> addition_terse(12345, 67890)
+    '7 9 11 13 5 \\\\boxed{80235}'
+    """
+    n = max(len(str(a)), len(str(b)))
+    da, db = str(a).zfill(n), str(b).zfill(n)
+    return " ".join(str(int(x) + int(y)) for x, y in zip(da, db)) + f" \\boxed{{{a + b}}}"
+
+
+def addition_columns(a: int, b: int) -> str:
+    """A complete expert derivation in a foreign layout: right to left, each column as `x+y>tt`, tt its two-digit
+    total with the carry in, whose first digit is the carry out. Every carry is written, so nothing is skipped.
+
+    >>> addition_columns(12345, 67890)
+    '5+0>05 4+9>13 3+8>12 2+7>10 1+6>08 \\\\boxed{80235}'
+    """
+    n = max(len(str(a)), len(str(b)))
+    da, db = str(a).zfill(n), str(b).zfill(n)
+    steps, carry = [], 0
+    for i in range(n - 1, -1, -1):
+        total = int(da[i]) + int(db[i]) + carry
+        steps.append(f"{da[i]}+{db[i]}>{total:02d}")
+        carry = total // 10
+    return " ".join(steps) + f" \\boxed{{{a + b}}}"
+
+
+SOLUTION_STYLES = {"own": addition_solution, "terse": addition_terse, "columns": addition_columns}
+
+
+def addition_problem(rng: random.Random, digits: int, style: str = "own") -> dict:
+    """One row of the `addition` data: two `digits`-digit numbers (no leading zero; 0-9 for one digit), with the
+    solution in `style` (see SOLUTION_STYLES); the numbers drawn do not depend on the style."""
     lo = 10 ** (digits - 1) if digits > 1 else 0
     a, b = rng.randint(lo, 10**digits - 1), rng.randint(lo, 10**digits - 1)
-    return {"question": f"{a}+{b}", "answer": str(a + b), "solution": addition_solution(a, b),
+    return {"question": f"{a}+{b}", "answer": str(a + b), "solution": SOLUTION_STYLES[style](a, b),
             "level": digits, "subject": "Addition"}
 
 
-def addition_problems(n: int, split: str = "train", levels=None) -> list[dict]:
+def addition_problems(n: int, split: str = "train", levels=None, style: str = "terse") -> list[dict]:
     """n rows cycling over `levels` (default 1-6 digits). Each (split, level) is its own random stream,
     so train and test are different draws and the level-5 rows of a smaller set are a prefix of a larger
     one's. (Only 100 one-digit problems exist, so easy train and test rows overlap; hard ones practically
-    never do.)"""
+    never do.) The same questions in every style."""
     levels = list(levels or range(1, 7))
     if not all(1 <= lv <= 6 for lv in levels):
         raise ValueError(f"addition levels are digit counts 1-6, got {levels}")
     streams = {lv: random.Random(f"addition/{split}/{lv}") for lv in levels}
-    return [addition_problem(streams[levels[i % len(levels)]], levels[i % len(levels)]) for i in range(n)]
+    return [addition_problem(streams[levels[i % len(levels)]], levels[i % len(levels)], style) for i in range(n)]
+
+
+def correct_steps(question: str, completion: str) -> int:
+    """How many of the steps of a chain of thought in the model's own format equal the true steps, position by
+    position (the toy's exact stand-in for the paper's judge of reasoning steps, Figure 2 right).
+
+    >>> correct_steps("47+38", r"7805 4307 \\boxed{75}")   # the second step drops the carry
+    1
+    """
+    m = re.fullmatch(r"(\d+)\+(\d+)", question.strip())
+    if not m:
+        return 0
+    truth = addition_solution(int(m.group(1)), int(m.group(2))).split(" ")[:-1]
+    return sum(s == t for s, t in zip(completion.strip().split(" "), truth))
 
 
 def step_check(question: str, completion: str) -> bool:
@@ -270,9 +322,17 @@ def toy_tokenizer():
     return tokenizer
 
 
+# The quick lab's base, shipped so that the README's first command trains no base model (its build takes 2.5 to 6
+# minutes by CPU). Written by `python -c "import toy; toy.build_toy_model(path='examples/toy_base')"`; its
+# toy_build.json records the build's settings and rates, and tests/test_toy.py checks that the files give them.
+SHIPPED_BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "examples", "toy_base")
+
+
 def build_toy_model(path: str | None = None, seed: int = 0, steps: int = 600, batch_size: int = 128,
-                    lr: float = 3e-3, eval_size: int = 200, threads: int = 1, verbose: bool = True) -> str:
+                    lr: float = 3e-3, eval_size: int = 200, threads: int = 1, verbose: bool = True,
+                    shipped: bool = True) -> str:
     """Build (once) and cache the toy base model: a 3-layer Qwen2 over characters, trained on addition.
+    With `shipped` (and no `path`), the shipped base (SHIPPED_BASE) is returned when it is this build.
 
     Stage 1 of TOYLAB: each batch is 80% easy problems (1-3 digits), half under the question prompt and half
     under the explanation prompt, and 20% hard ones (5-6 digits) under the explanation prompt only; the
@@ -301,6 +361,11 @@ def build_toy_model(path: str | None = None, seed: int = 0, steps: int = 600, ba
             json.dump({"seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr, "threads": threads,
                        "train_seconds": round(seconds, 1), **rates}, f, indent=1)
 
+    settings = {"seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr, "threads": threads}
+    if shipped and path is None and os.path.exists(os.path.join(SHIPPED_BASE, "toy_build.json")):
+        with open(os.path.join(SHIPPED_BASE, "toy_build.json")) as f:
+            if {k: v for k, v in json.load(f).items() if k in settings} == settings:
+                return SHIPPED_BASE
     name = f"toy-v2-seed{seed}-steps{steps}-lr{lr:g}-batch{batch_size}"
     return built_once(path or os.path.join(CACHE_DIR, name), write)
 
@@ -357,7 +422,7 @@ def toy_rates(model, tokenizer, n: int = 200, micro_batch_size: int = 256) -> di
     solve_easy = sample(model, tokenizer, [question_prompt(tokenizer, r["question"]) for r in easy], temperature=0, **kw)
     solve_hard = sample(model, tokenizer, [question_prompt(tokenizer, r["question"]) for r in hard], temperature=0, **kw)
     explain = sample(model, tokenizer, [explanation_prompt(tokenizer, r["question"], r["answer"]) for r in hard],
-                     temperature=1.0, **kw)
+                     temperature=1.0, seeds=list(range(len(hard))), **kw)  # the same draws for every model
     right = lambda rows, texts: [extract_boxed(t) == r["answer"] for r, t in zip(rows, texts)]  # noqa: E731
     return {
         "easy_solve": float(np.mean(right(easy, solve_easy["texts"]))),
@@ -375,4 +440,8 @@ register_model("tiny", build_tiny_model)
 register_model("toy", build_toy_model)
 # the synthetic train and test splits are different draws, so evaluation is held out
 register_dataset("synthetic", lambda n, split, levels: synthetic_problems(n, seed=1 if split == "train" else 2))
-register_dataset("addition", addition_problems, step_checker=step_check)
+# `addition`: the expert solution as a person writes it (terse); `addition_columns`: complete, foreign layout;
+# `addition_own`: the model's own format (upper bound). The same questions, answers and step checker in all three.
+for _name, _style in (("addition", "terse"), ("addition_columns", "columns"), ("addition_own", "own")):
+    register_dataset(_name, lambda n, split, levels, style=_style: addition_problems(n, split, levels, style),
+                     step_checker=step_check)

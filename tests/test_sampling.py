@@ -180,9 +180,9 @@ def test_top_p_keeps_exactly_the_nucleus():
 
 
 def test_next_tokens_draws_from_softmax_over_t_row_by_row():
-    """The inverse-CDF draw of next_tokens against softmax(logits / T) computed here in float64: two rows with
-    different distributions over a 152k-token vocabulary (Qwen2.5's size, where float32 rounding of the
-    cumulative sum would show first), each with tokens of probability 0 (-inf logits) that are never drawn."""
+    """The draw of next_tokens against softmax(logits / T) computed here in float64: two rows with different
+    distributions over a 152k-token vocabulary (Qwen2.5's size), each with tokens of probability 0 (-inf logits)
+    that are never drawn."""
     g = torch.Generator().manual_seed(0)
     V_big, T, draws = 151936, 0.7, 3000
     logits = torch.randn(2, V_big, generator=g, dtype=torch.float64) * 4
@@ -197,6 +197,50 @@ def test_next_tokens_draws_from_softmax_over_t_row_by_row():
         ok, stat, crit = chi_square_ok(counts, probs[row])
         assert ok, (row, stat, crit)
     assert (drawn[:, 0] % 3 != 0).all() and (drawn[:, 1] < 1000).all()
+
+
+def test_tokens_below_float32_resolution_of_a_running_sum_are_drawn():
+    """Token 0 holds 1 - m of the mass and 65,535 tokens hold 2e-8 each (m = 1.3e-3 in all). After token 0 a
+    float32 running sum (~0.9988, spacing 6e-8) rounds each 2e-8 step to 0 or 6e-8: the tokens whose step is 0
+    (44,231 of them, 8.8e-4 of the mass, found here from torch's own float32 cumsum) can never be drawn by
+    inverting that sum, the others three times too often. Drawn exactly, 4,096 draws hit the rare tokens
+    Poisson(5.4) times and the invisible ones Poisson(3.6) times: with this seed fixed numbers, asserted inside
+    the Poisson 99.9% ranges; an inverse-CDF draw gives 0 invisible ones whatever the seed."""
+    V_rare, p_rare = 65536, 2e-8
+    logits = torch.full((V_rare,), math.log(p_rare), dtype=torch.float64)
+    logits[0] = math.log(1 - (V_rare - 1) * p_rare)  # softmax of these logits is the distribution above
+    rows = logits.float().repeat(256, 1)  # (256, V)
+    cdf = torch.softmax(rows[0], -1).cumsum(-1)
+    invisible = torch.diff(cdf, prepend=cdf.new_zeros(1)) == 0  # (V,) tokens an inverse-CDF draw cannot reach
+    assert 40000 < int(invisible.sum()) < 50000
+    torch.manual_seed(1)
+    drawn = torch.cat([next_tokens(rows, 1.0, 1.0) for _ in range(16)])  # (4096,)
+    assert 1 <= int((drawn != 0).sum()) <= 15
+    assert 1 <= int(invisible[drawn].sum()) <= 12
+
+
+def test_non_finite_logits_raise_a_clear_error_and_minus_inf_entries_are_fine():
+    ok = torch.tensor([[0.0, float("-inf"), 1.0]])
+    assert next_tokens(ok, 1.0, 1.0).item() in (0, 2)
+    for bad in ([float("nan"), 0.0, 1.0], [float("inf"), 0.0, 1.0], [float("-inf")] * 3):
+        for t in (0.0, 1.0):
+            with pytest.raises(ValueError, match="non-finite logits"):
+                next_tokens(torch.tensor([[0.0, 1.0, 2.0], bad]), t, 1.0)
+
+
+def test_seeded_completions_do_not_depend_on_the_rest_of_the_batch():
+    """With `seeds`, a completion is a function of its prompt and its seed: sampled alone, in a batch with other
+    prompts, in another order or micro-batch size, it is the same token list; another seed gives other draws."""
+    tok, model = word_tokenizer(), tiny_qwen2(bias={EOS: 1.0})
+    prompts = prompts_of([3, 8, 5, 2, 6])
+    kw = dict(max_new_tokens=20, temperature=1.0)
+    alone = [sample(model, tok, [p], seeds=[100 + i], **kw)["completion_ids"][0] for i, p in enumerate(prompts)]
+    together = sample(model, tok, prompts, seeds=[100 + i for i in range(5)], micro_batch_size=2, **kw)
+    reverse = sample(model, tok, prompts[::-1], seeds=[104 - i for i in range(5)], micro_batch_size=5, **kw)
+    assert together["completion_ids"] == alone
+    assert reverse["completion_ids"][::-1] == alone
+    other = sample(model, tok, prompts, seeds=[200 + i for i in range(5)], **kw)["completion_ids"]
+    assert other != alone
 
 
 def test_checkpoint_generation_config_never_applies():

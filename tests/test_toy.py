@@ -104,8 +104,9 @@ def test_load_problems_addition():
         a, b = map(int, r["question"].split("+"))
         assert len(str(a)) == len(str(b)) == r["level"]
         assert r["answer"] == str(a + b) and r["subject"] == "Addition"
-        assert r["solution"] == true_chain(a, b)
         assert common.verify_answer(r["solution"], r["answer"]) == 1.0  # exact-string path, no math-verify
+    own, _ = common.load_problems("addition_own", split="train", levels=[5, 6], synthetic_size=100)
+    assert [r["solution"] for r in own] == [true_chain(*map(int, r["question"].split("+"))) for r in rows]
     again, _ = common.load_problems("addition", split="train", levels=[5, 6], synthetic_size=100)
     test, _ = common.load_problems("addition", split="test", levels=[5, 6], synthetic_size=100)
     assert again == rows
@@ -114,6 +115,62 @@ def test_load_problems_addition():
     assert sorted({r["level"] for r in everything}) == [1, 2, 3, 4, 5, 6]
     common.check_dataset_name("addition")
     common.check_model_name("toy")
+
+
+def terse_is_right(question: str, solution: str) -> bool:
+    """The terse expert style read back: left-to-right column sums whose place values add up to a + b."""
+    a, b = map(int, question.split("+"))
+    *sums, boxed = solution.split(" ")
+    n = max(len(str(a)), len(str(b)))
+    digits = lambda x: [x // 10 ** (n - 1 - i) % 10 for i in range(n)]  # noqa: E731 (left to right)
+    return (len(sums) == n and [int(s) for s in sums] == [x + y for x, y in zip(digits(a), digits(b))]
+            and sum(int(s) * 10 ** (n - 1 - i) for i, s in enumerate(sums)) == a + b and boxed == f"\\boxed{{{a + b}}}")
+
+
+def columns_is_right(question: str, solution: str) -> bool:
+    """The columns style read back: right to left `x+y>tt`, tt = x + y + the previous tens digit, the answer made
+    of the last tens digit and every units digit."""
+    a, b = map(int, question.split("+"))
+    *steps, boxed = solution.split(" ")
+    carry, units = 0, ""
+    for i, step in enumerate(steps):
+        x, y, tt = int(step[0]), int(step[2]), int(step[4:])
+        if step[1] != "+" or step[3] != ">" or len(step) != 6 or (x, y) != (a // 10**i % 10, b // 10**i % 10):
+            return False
+        if tt != x + y + carry:
+            return False
+        carry, units = tt // 10, str(tt % 10) + units
+    return len(steps) == max(len(str(a)), len(str(b))) and int(str(carry) + units) == a + b == int(boxed[7:-1])
+
+
+@pytest.mark.parametrize("a, b, terse, columns", [
+    (12345, 67890, "7 9 11 13 5 \\boxed{80235}", "5+0>05 4+9>13 3+8>12 2+7>10 1+6>08 \\boxed{80235}"),
+    (999, 1, "9 9 10 \\boxed{1000}", "9+1>10 9+0>10 9+0>10 \\boxed{1000}"),
+    (5, 7, "12 \\boxed{12}", "5+7>12 \\boxed{12}"),
+])
+def test_expert_styles_by_hand(a, b, terse, columns):
+    assert toy.addition_terse(a, b) == terse and toy.addition_columns(a, b) == columns
+
+
+@pytest.mark.parametrize("dataset, is_right", [("addition", terse_is_right), ("addition_columns", columns_is_right)])
+def test_every_expert_solution_verifies_and_its_arithmetic_is_right(dataset, is_right):
+    rows, _ = common.load_problems(dataset, split="train", synthetic_size=600)
+    assert sorted({r["level"] for r in rows}) == [1, 2, 3, 4, 5, 6]
+    for r in rows:
+        assert is_right(r["question"], r["solution"]), r
+        assert common.verify_answer(r["solution"], r["answer"]) == 1.0
+        assert not toy.step_check(r["question"], r["solution"])  # not the model's own format
+        assert len(toy.toy_tokenizer()(r["solution"])["input_ids"]) + 1 <= 64  # fits the lab's --max_new_tokens
+    plain, _ = common.load_problems("addition", split="train", synthetic_size=600)
+    assert [r["question"] for r in rows] == [r["question"] for r in plain]  # the same questions in every style
+
+
+def test_correct_steps_counts_true_steps_by_position():
+    assert toy.correct_steps("47+38", true_chain(47, 38)) == 2
+    assert toy.correct_steps("47+38", "7805 4307 \\boxed{75}") == 1  # the carry is lost in step 2
+    assert toy.correct_steps("47+38", "7804 4318 \\boxed{84}") == 1  # step 1 wrong, step 2 right
+    assert toy.correct_steps("12345+67890", "\\boxed{80235}") == 0
+    assert toy.correct_steps("47+38", "7 11 \\boxed{85}") == 0  # the terse expert has no such steps
 
 
 # ---------------------------------------------------------------- prompts
@@ -244,21 +301,6 @@ def test_a_rank_other_than_0_builds_a_whole_model(tmp_path):
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(tmp_path / "tiny"))
 
 
-def test_the_lab_script_runs_to_its_last_line(tmp_path):
-    """examples/toy_lab.sh end to end on a tiny budget (a base of 20 steps, 2 RL steps per arm): a crash in its
-    tables or plots at the end of a long run cannot recur."""
-    env = {**os.environ, "EXPO_CACHE": str(tmp_path / "cache"), "OUT": str(tmp_path / "lab"), "BUILD_STEPS": "20",
-           "STEPS": "2", "EVAL_EVERY": "1", "EVAL_LIMIT": "6", "FINAL_LIMIT": "12"}
-    proc = subprocess.run(["bash", "examples/toy_lab.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "| Level | Count | base | expo_paper | grpo |" in proc.stdout
-    assert "| All | 12 |" in proc.stdout  # the same 12 held-out sums for every model
-    assert "| b0/grpo_r0 |" in proc.stdout and "| b0/expo_paper_r0 |" in proc.stdout
-    assert ("wrote" in proc.stdout) or ("no plot: matplotlib is not installed" in proc.stdout)
-    assert proc.stdout.rstrip().splitlines()[-1].startswith("total ")
-
-
 def test_two_rank_offline_expo_on_the_toy_reuses_cached_explanations(tmp_path):
     model = toy.build_toy_model(str(tmp_path / "toy"), steps=20, batch_size=32, eval_size=0, verbose=False)
     args = ["--model", model, "--dataset", "addition", "--levels", "5-6", "--batch_size", "4", "--num_generations", "4",
@@ -274,3 +316,20 @@ def test_two_rank_offline_expo_on_the_toy_reuses_cached_explanations(tmp_path):
             rows = [json.loads(line) for line in f]
         assert [r["step"] for r in rows] == [1, 2] and "expl_verified" in rows[0]
         assert all(v == v and abs(v) != float("inf") for r in rows for v in r.values() if isinstance(v, float))
+
+
+def test_the_shipped_base_gives_its_recorded_rates_and_is_what_the_quick_lab_uses():
+    """examples/toy_base is the quick lab's base, shipped so that the first command trains none: it is the build its
+    toy_build.json names (seed 0, 600 steps, the defaults), and its files give the rates recorded at build time
+    (greedy solves, and explanations drawn with fixed per-question seeds: the same numbers on any machine)."""
+    from transformers import AutoModelForCausalLM
+
+    with open(os.path.join(toy.SHIPPED_BASE, "toy_build.json")) as f:
+        record = json.load(f)
+    assert {k: record[k] for k in ("seed", "steps", "batch_size", "lr", "threads")} == {
+        "seed": 0, "steps": 600, "batch_size": 128, "lr": 3e-3, "threads": 1}
+    assert toy.build_toy_model() == toy.SHIPPED_BASE  # no build: the defaults are the shipped build
+    model = AutoModelForCausalLM.from_pretrained(toy.SHIPPED_BASE).eval()
+    rates = toy.toy_rates(model, common.load_tokenizer(toy.SHIPPED_BASE), n=200)
+    assert rates == {k: record[k] for k in ("easy_solve", "hard_solve", "hard_explain")}
+    assert record["easy_solve"] >= 0.9 and record["hard_solve"] <= 0.05 and record["hard_explain"] >= 0.8

@@ -1,0 +1,141 @@
+"""examples/toy_lab.py: the claims computed from fixed run folders with verdicts worked out by hand, and the lab
+end to end on a tiny budget (the quick run and every part)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "examples"))
+import toy_lab  # noqa: E402
+
+
+def write_run(d, name, rows, samples=None):
+    os.makedirs(d / name, exist_ok=True)
+    (d / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if samples is not None:
+        (d / name / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+
+
+def write_eval(d, name, accuracy_by_level):
+    os.makedirs(d / "eval" / name, exist_ok=True)
+    (d / "eval" / name / "eval.json").write_text(json.dumps(
+        {"by_level": {lv: {"count": 100, "accuracy": a} for lv, a in accuracy_by_level.items()}}))
+
+
+def fake_cell(out, b, seed, final, probe, dpo, levels, hard_solve=0.0):
+    """final: arm -> final hard accuracy; probe: the probe figures; dpo: arm -> (loss first, loss last, logps chosen,
+    logps rejected); levels: eval name -> accuracy by level."""
+    d = out / f"b{b}"
+    os.makedirs(d, exist_ok=True)
+    (d / "base.json").write_text(json.dumps({"path": "x", "hard_solve": hard_solve}))
+    for arm, acc in final.items():
+        rows = [{"step": s, "eval/accuracy": 0.0} for s in (1, 2)] + [{"step": 3, "eval/accuracy": acc}]
+        if arm in dpo:
+            first, last, chosen, rejected = dpo[arm]
+            rows = [{**r, "loss": first, "logps_chosen": chosen, "logps_rejected": rejected} for r in rows[:1]] + \
+                   [{**r, "loss": last, "logps_chosen": 0.0, "logps_rejected": 0.0} for r in rows[1:]]
+        write_run(d, f"{arm}_r{seed}", rows)
+    for style, nll in probe["nll_expert"].items():
+        write_run(d, f"probe_{style}_r{seed}", [{"step": 1, "nll_expert": nll, **probe["common"]}],
+                  probe["samples"] if style == "terse" else None)
+    for name, acc in levels.items():
+        write_eval(d, name if name == "base" else f"{name}_r{seed}", acc)
+
+
+LEVELS = [str(lv) for lv in range(1, 7)]
+
+
+def test_claims_from_fixed_run_folders_match_verdicts_worked_out_by_hand(tmp_path):
+    # cell b0_r0: everything as the paper says; cell b1_r0: the orderings reversed
+    probe_good = {"nll_expert": {"terse": 4.0, "columns": 3.0, "own": 0.1},
+                  "common": {"nll_explanation": 0.5, "answer_logp_after_explanation": -0.1, "answer_logp_after_cot": -9.0},
+                  # explanation 2 correct steps vs CoT 1, then 0 vs 0 (tie), then 2 vs 2 (tie): win rate (1 + .5 + .5) / 3
+                  "samples": [{"question": "47+38", "explanation": "7805 4318 \\boxed{85}", "completion": "7805 4307 \\boxed{75}"},
+                              {"question": "47+38", "explanation": "x", "completion": "y"},
+                              {"question": "47+38", "explanation": "7805 4318 \\boxed{85}", "completion": "7805 4318 \\boxed{85}"}]}
+    probe_bad = {"nll_expert": {"terse": 0.2, "columns": 0.6, "own": 0.1},
+                 "common": {"nll_explanation": 0.5, "answer_logp_after_explanation": -5.0, "answer_logp_after_cot": -1.0},
+                 "samples": [{"question": "47+38", "explanation": "7805 4307 \\boxed{75}", "completion": "7805 4318 \\boxed{85}"}]}
+    good_final = {"grpo": 0.0, "expo": 0.8, "expert_terse": 0.3, "expert_columns": 0.5, "own_format": 0.9,
+                  "expo_coef0.5": 0.0, "grpo_all": 0.1, "expo_all": 0.7, "expert_all": 0.2,
+                  "dpo_expl_offline": 0.4, "dpo_expl_online": 0.6, "dpo_expert_offline": 0.02, "dpo_expert_online": 0.1}
+    bad_final = {**{k: 0.5 for k in good_final}, "grpo": 0.6, "expo": 0.1, "expo_coef0.5": 0.3,
+                 "dpo_expl_offline": 0.2, "dpo_expert_offline": 0.4}
+    good_levels = {"base": dict(zip(LEVELS, [1.0, 0.95, 0.9, 0.0, 0.0, 0.0])),
+                   "grpo_all": dict(zip(LEVELS, [1.0, 0.95, 0.9, 0.0, 0.1, 0.0])),
+                   "expo_all": dict(zip(LEVELS, [0.97, 0.95, 0.9, 0.2, 0.7, 0.6])),  # worst: -3 points at 1 digit
+                   "expert_all": dict(zip(LEVELS, [0.9] * 6))}
+    bad_levels = {**good_levels, "expo_all": dict(zip(LEVELS, [0.5, 0.95, 0.9, 0.2, 0.7, 0.6]))}  # -50 at 1 digit
+    fake_cell(tmp_path, 0, 0, good_final, probe_good, {"dpo_expert_offline": (0.693, 0.01, -60.0, -20.0)}, good_levels)
+    fake_cell(tmp_path, 1, 0, bad_final, probe_bad, {"dpo_expert_offline": (0.693, 0.5, -10.0, -20.0)}, bad_levels)
+    cells = {c: toy_lab.cell_figures(str(tmp_path), b, 0) for c, b in (("b0_r0", 0), ("b1_r0", 1))}
+    by_claim = {c["claim"]: c for c in toy_lab.claims(cells)}
+    assert len(by_claim) == len(toy_lab.CLAIMS)  # every claim measured
+    expected = {  # claim (start) -> (value in b0, value in b1, cells held)
+        "A self-explanation is more likely under the policy than the expert's solution": (3.5, -0.3, 1),
+        "... and than a complete expert": (2.5, 0.1, 2),
+        "A self-explanation has more correct steps": (2 / 3 - 0.5, -0.5, 1),
+        "A self-explanation makes a* more likely": (8.9, -4.0, 1),
+        "ExP-GRPO beats GRPO + SFT on the expert's solution": (0.5, -0.4, 1),
+        "ExP-GRPO beats GRPO + SFT on a complete": (0.3, -0.4, 1),
+        "GRPO + expert SFT beats plain GRPO": (0.3, -0.1, 1),
+        "ExP-GRPO beats plain GRPO": (0.8, -0.5, 1),
+        "Trained on every level": (-3.0, -50.0, 1),
+        "The largest gain over GRPO is at the hardest level": (60.0, 60.0, 2),  # +60 at 6 digits, at most 0 at 1-3
+        "ExP-DPO with the self-explanation chosen beats the expert chosen, offline": (0.38, -0.2, 1),
+        "... and online": (0.5, 0.0, 1),
+        "Online ExP-DPO beats offline": (0.2, 0.3, 2),
+        "With the expert chosen the DPO loss falls": (0.01, 0.5, 1),
+        "SFT coefficient 0.04 beats 0.5": (0.8, -0.2, 1),
+        "SFT coefficient 0.5 is worse than plain GRPO": (0.0, 0.3, 1),
+    }
+    for start, (v0, v1, held) in expected.items():
+        (c,) = [c for name, c in by_claim.items() if name.startswith(start)]
+        assert (c["toy_min"], c["toy_max"]) == pytest.approx((min(v0, v1), max(v0, v1))), start
+        assert c["toy_median"] == pytest.approx((v0 + v1) / 2), start
+        assert (c["cells_held"], c["cells"]) == (held, 2), start
+        assert c["verdict"] == f"holds in {held} of 2 cells", start
+    # a cell without a run has no figure for its claims: they count over fewer cells, or vanish
+    only = toy_lab.claims({"b0_r0": {k: v for k, v in cells["b0_r0"].items() if not k.startswith("dpo_")}})
+    assert not any("DPO" in c["claim"] for c in only) and all(c["cells"] == 1 for c in only)
+    none_hold = toy_lab.claims({"b1_r0": cells["b1_r0"]})
+    assert {c["verdict"] for c in none_hold if c["cells_held"] == 0} == {"does not hold"}
+
+
+def test_the_quick_lab_runs_to_its_last_line_and_writes_claims(tmp_path):
+    """`bash examples/toy_lab.sh` on a tiny budget (a base of 20 steps, 2 RL steps per arm): the central comparison,
+    the table by level and the claims of its one cell."""
+    env = {**os.environ, "EXPO_CACHE": str(tmp_path / "cache"), "OUT": str(tmp_path / "lab"), "BUILD_STEPS": "20",
+           "STEPS": "2", "EVAL_EVERY": "1", "EVAL_LIMIT": "6", "FINAL_LIMIT": "12"}
+    proc = subprocess.run(["bash", "examples/toy_lab.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| cell | grpo | expo | expert_terse |" in proc.stdout
+    assert "| digits | base | grpo | expo | expert_terse |" in proc.stdout
+    claims = json.load(open(tmp_path / "lab" / "claims.json"))
+    assert {c["claim"][:20] for c in claims} >= {"ExP-GRPO beats plain", "A self-explanation m"}
+    assert all(set(c) == {"claim", "where", "paper", "measure", "toy_median", "toy_min", "toy_max", "cells_held",
+                          "cells", "verdict"} for c in claims)
+    assert proc.stdout.rstrip().splitlines()[-1].startswith("total ")
+
+
+@pytest.fixture(scope="module")
+def lab_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("lab_cache"))  # one 20-step base for every part
+
+
+@pytest.mark.parametrize("part", ["grpo", "coef", "table3", "dpo", "probe"])
+def test_each_part_runs_alone_on_a_tiny_budget(tmp_path, part, lab_cache):
+    env = {**os.environ, "EXPO_CACHE": lab_cache, "OUT": str(tmp_path / "lab"), "BUILD_STEPS": "20",
+           "BUILD_SEEDS": "0", "RL_SEEDS": "0", "STEPS": "1", "EVAL_EVERY": "1", "EVAL_LIMIT": "4", "FINAL_LIMIT": "6"}
+    proc = subprocess.run([sys.executable, "examples/toy_lab.py", part], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = {a for a in toy_lab.PARTS[part]}
+    assert all(os.path.exists(tmp_path / "lab" / "b0" / f"{a}_r0" / "metrics.jsonl") for a in runs)
+    assert os.path.exists(tmp_path / "lab" / "claims.json")
