@@ -279,9 +279,9 @@ def plot_main(argv: list[str]) -> None:
         import matplotlib  # noqa: F401  (only to ask whether it is there)
     except FileNotFoundError as e:
         sys.exit(f"error: {e}")
-    except ImportError:
-        print("no plot: matplotlib is not installed (pip install matplotlib); the curves are in each run's metrics.jsonl")
-        return
+    except ImportError:  # an exit status of 0 would tell a script a plot was drawn
+        sys.exit("eval.py plot: error: matplotlib is not installed: pip install matplotlib (the curves are in each "
+                 "run's metrics.jsonl)")
     try:
         keys = plot(a.run_dirs, a.out, a.keys)
     except ValueError as e:
@@ -295,28 +295,32 @@ def plot_main(argv: list[str]) -> None:
 
 
 def main() -> None:
-    from transformers import HfArgumentParser
-
-    args = HfArgumentParser(Args).parse_args_into_dataclasses()[0]
+    args = common.parse_flags(Args, "eval.py")
     ks = sorted(set(args.ks)) or default_ks(args.num_samples)
     levels = common.parse_levels(args.levels)
     model_slug = re.sub(r"[^\w.-]+", "_", args.model.strip("/"))
     data_slug = re.sub(r"[^\w.-]+", "_", os.path.splitext(args.dataset)[0].strip("./"))
     args.output_dir = args.output_dir or os.path.join("eval_results", f"{model_slug}-{data_slug}")
+    common.reject_bad_args([
+        (args.num_samples < 1, f"--num_samples must be >= 1, got {args.num_samples}"),
+        (ks[0] < 1 or ks[-1] > args.num_samples,
+         f"--ks {ks}: pass@k needs 1 <= k <= n for every k, and n is --num_samples {args.num_samples}"),
+        (args.max_new_tokens < 1, f"--max_new_tokens must be >= 1, got {args.max_new_tokens}: every answer would be "
+                                  "cut before its first token"),
+        (args.gen_batch_size < 1 or args.limit < 0, "--gen_batch_size must be >= 1 and --limit >= 0"),
+        (args.temperature < 0, "--temperature must be >= 0 (0: greedy)"),
+        (not 0 < args.top_p <= 1, f"--top_p must be in (0, 1], got {args.top_p}"),
+    ], args, "eval.py")
     try:
-        if args.num_samples < 1 or ks[0] < 1 or ks[-1] > args.num_samples:
-            raise ValueError(f"need 1 <= k <= n for every k: --ks {ks} with --num_samples {args.num_samples}")
-        common.check_model_name(args.model)
-        common.check_dataset_name(args.dataset)
-        common.check_output_dir(args.output_dir)
+        tokenizer = common.load_tokenizer(args.model)
+        fits = common.prompt_fits(tokenizer, common.context_length(args.model), args.max_new_tokens, with_answer=False)
         rows, data_stats = common.load_problems(args.dataset, split=args.split, config=args.dataset_config,
-                                                levels=levels, limit=args.limit or None, seed=args.seed)
+                                                levels=levels, limit=args.limit or None, seed=args.seed, fits=fits)
         if not rows:
             raise ValueError(f"no problems in {args.dataset!r} (split {args.split}, levels {args.levels}): {dict(data_stats)}")
-        tokenizer = common.load_tokenizer(args.model)
     except Exception as e:  # a clear one-line message instead of a traceback from every rank
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        sys.exit(f"error: {message}")
+        sys.exit(f"eval.py: error: {message}")
 
     info = common.init_distributed()
     common.seed_everything(args.seed, info.rank)
@@ -325,7 +329,7 @@ def main() -> None:
     try:
         model = common.load_model(args.model, info.device, trainable=False)
     except common.LoadError as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"eval.py: error: {e}")
     model = common.shard_model(model, info.device, trainable=False)
 
     with common.Timer() as timer:

@@ -21,10 +21,14 @@ Offline:     torchrun --nproc_per_node 4 expo_dpo.py --regen_every 0
 c_E arm:     torchrun --nproc_per_node 4 expo_dpo.py --chosen expert
 Two nodes:   torchrun --nnodes 2 --nproc_per_node 8 --node_rank $NODE_RANK --master_addr $FIRST_NODE \\
                  --master_port 29500 expo_dpo.py --batch_size 64 [--hybrid_shard]     (README "Multi-node")
-CPU demo:    torchrun --nproc_per_node 2 expo_dpo.py --model tiny --dataset synthetic --chosen expert \\
+CPU, ExP-DPO that trains (the toy lab's base model, README "Set up and try it on a CPU"):
+             torchrun --nproc_per_node 2 expo_dpo.py --model toy --dataset addition --levels 5-6 --batch_size 8 \\
+                 --micro_batch_size 4 --num_generations 4 --max_new_tokens 48 --temperature 1.0 --lr 1e-4 \\
+                 --max_steps 4 --regen_every 2 --no_gradient_checkpointing --save_every 0 --output_dir runs/dpo-demo
+CPU smoke:   torchrun --nproc_per_node 2 expo_dpo.py --model tiny --dataset synthetic --chosen expert \\
                  --batch_size 4 --micro_batch_size 2 --num_generations 2 --max_new_tokens 16 --max_steps 4 \\
-                 --rejected_truncated keep --output_dir runs/dpo-demo
-(the tiny model has random weights: its explanations never verify and its CoTs never end, so the demo needs
+                 --rejected_truncated keep --output_dir runs/dpo-smoke
+(the tiny model has random weights: its explanations never verify and its CoTs never end, so the smoke run needs
 `--chosen expert --rejected_truncated keep`.)
 """
 
@@ -41,10 +45,11 @@ import torch.nn.functional as F
 
 import toy  # noqa: F401  (registers --model tiny|toy and --dataset synthetic|addition)
 from eval import evaluate_run
-from common import (LoadError, MetricsLogger, Timer, all_reduce_dict, cleanup_distributed, cosine_schedule, device_mesh,
-                    end_of_step, explanation_prompt, gather_objects, global_batch, init_distributed, latest_checkpoint,
-                    load_checkpoint, load_model, load_run_data, load_tokenizer, make_batch, optimizer_step, print0,
-                    question_prompt, reject_bad_args, sample, seed_everything, shard_model, token_logprobs, verify_answer)
+from common import (LoadError, MetricsLogger, Timer, all_reduce_dict, claim_output_dir, cleanup_distributed,
+                    cosine_schedule, device_mesh, end_of_step, explanation_prompt, gather_objects, global_batch,
+                    init_distributed, latest_checkpoint, load_checkpoint, load_model, load_run_data, load_tokenizer,
+                    make_batch, optimizer_step, parse_flags, print0, question_prompt, reject_bad_args, sample,
+                    seed_everything, shard_model, token_logprobs, verify_answer)
 
 
 @dataclass
@@ -74,15 +79,16 @@ class Args:
     batch_size: int = field(default=16, metadata={"help": "questions per step, all ranks together"})
     micro_batch_size: int = field(default=2, metadata={"help": "pairs per forward/backward pass on one rank"})
     epochs: int = field(default=1, metadata={"help": "passes over the training questions"})
-    max_steps: int = field(default=0, metadata={"help": "stop after this many steps (0: epochs x questions / batch_size)"})
+    max_steps: int = field(default=0, metadata={"help": "stop after this many steps (0: epochs x questions / batch_size); --resume may change it: the cosine schedule stretches to the new total"})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute activations in backward (less memory)"})
     bf16: Optional[bool] = field(default=None, metadata={"help": "compute in bf16 from fp32 master weights, gradients reduced in fp32 (default: on GPU, not on CPU)"})
     max_bad_steps: int = field(default=10, metadata={"help": "stop, with a checkpoint of the last good state, after this many skipped (non-finite) steps in a row"})
     hybrid_shard: bool = field(default=False, metadata={"help": "multi-node: shard within each node, replicate across nodes (HSDP)"})
     seed: int = field(default=0, metadata={"help": "seed of data order and sampling"})
     # logging, checkpoints, evaluation
-    output_dir: str = field(default="runs/expo_dpo", metadata={"help": "metrics.jsonl, samples.jsonl, pairs-round*.jsonl, checkpoints, hf/ export"})
-    resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in output_dir"})
+    output_dir: str = field(default="runs/expo_dpo", metadata={"help": "run_config.json, metrics.jsonl, samples.jsonl, pairs-round*.jsonl, checkpoints, hf/ export (one run at a time)"})
+    resume: bool = field(default=False, metadata={"help": "continue from the newest complete checkpoint in output_dir; flags that change the run must be its own (README \"Resume\")"})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "start over in an output_dir that holds another run: its checkpoints, hf/, metrics and samples are deleted first"})
     save_every: int = field(default=50, metadata={"help": "checkpoint and export to OUTPUT_DIR/hf every this many steps (and at the end)"})
     save_total_limit: int = field(default=2, metadata={"help": "checkpoints kept"})
     eval_every: int = field(default=0, metadata={"help": "evaluate every this many steps and at the end (0: never)"})
@@ -296,15 +302,16 @@ def read_pairs(path: str) -> dict[int, dict]:
 
 
 def main():
-    from transformers import HfArgumentParser
-
-    (args,) = HfArgumentParser(Args).parse_args_into_dataclasses()
+    args = parse_flags(Args, "expo_dpo.py")
     validate_args(args, int(os.environ.get("WORLD_SIZE", 1)))
-    try:  # the data before any model: a bad file fails in seconds, with one line
-        rows, eval_rows, data_stats = load_run_data(args, default_levels="all")
-    except (ValueError, FileNotFoundError) as e:
+    try:  # the tokenizer and the data before any model: a bad folder or file fails in seconds, with one line
+        tokenizer = load_tokenizer(args.model)
+        rows, eval_rows, data_stats = load_run_data(args, tokenizer, default_levels="all",
+                                                    with_answer=args.chosen == "explanation")
+    except (ValueError, OSError) as e:
         raise SystemExit(f"expo_dpo.py: error: {e}")
     info = init_distributed()
+    resume_from = claim_output_dir(args, "expo_dpo.py", rows)  # the folder is this run's, or the run it resumes
     rank, world, device = info.rank, info.world_size, info.device
     seed_everything(args.seed, rank)
 
@@ -321,7 +328,6 @@ def main():
     print0("reference: the initial model, " + ("a frozen copy" if online else "scored by the policy before step 1"))
 
     try:
-        tokenizer = load_tokenizer(args.model)
         policy = load_model(args.model, device, args.gradient_checkpointing)
         # offline pairs all come from the initial policy, so its own no-grad pass before training is the
         # reference: no second copy of the model is needed
@@ -338,19 +344,16 @@ def main():
     state = {"round": -1, "pairs_path": None, "pairs_until": 0, "rounds_built": 0, "skipped_steps": 0,
              "empty_steps": 0, "bad_in_a_row": 0}
     start_step, pairs = 0, None
-    if args.resume:
-        ckpt = latest_checkpoint(args.output_dir)
-        try:
-            state.update(load_checkpoint(ckpt, model, optimizer, scheduler))
-        except LoadError as e:
-            raise SystemExit(f"expo_dpo.py: error: {e}")
+    if resume_from:
+        state.update(load_checkpoint(resume_from, model, optimizer, scheduler))
         start_step = state.pop("step")
-        if state["pairs_path"] and (not online or start_step % K):  # mid-round: train on the same pairs
+        # mid-round: train on the same pairs, unless they end here (a resume with a larger --max_steps)
+        if state["pairs_path"] and (not online or start_step % K) and state["pairs_until"] > start_step:
             pairs = read_pairs(state["pairs_path"])
         if not online and total_steps > state["pairs_until"]:
             raise SystemExit(f"expo_dpo.py: error: the offline pairs were built by the initial policy for "
                              f"{state['pairs_until']} steps, and it is gone: resume with --max_steps {state['pairs_until']}")
-        print0(f"resumed from {ckpt} at step {start_step} (round {state['round']}, "
+        print0(f"resumed from {resume_from} at step {start_step} (round {state['round']}, "
                f"{'same pairs from ' + state['pairs_path'] if pairs is not None else 'new round next'})")
     logger = MetricsLogger(args.output_dir, asdict(args), args.wandb_project,
                            resume_step=start_step if args.resume else None,
@@ -373,8 +376,9 @@ def main():
         # ---- 1. pairs: built once (offline) or for the next K steps with the current policy (online)
         if pairs is None or (online and (step - 1) % K == 0):
             state["round"] = (step - 1) // K if online else 0
-            # the questions of the steps this round serves: the next K (online), or all the run has left (offline)
-            last = min(step + K - 1, total_steps) if online else total_steps
+            # the questions of the steps this round serves: the rest of its K (online; all K but after a resume
+            # with a larger --max_steps), or all the run has left (offline)
+            last = min(state["round"] * K + K, total_steps) if online else total_steps
             round_qids = list(dict.fromkeys(q for s in range(step, last + 1)
                                             for q in global_batch(qids, s, args.batch_size, args.seed)))
             with Timer() as t_build:

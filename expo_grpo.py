@@ -27,10 +27,11 @@ Commands
       torchrun --nnodes 2 --nproc_per_node 8 --node_rank $NODE_RANK --master_addr $FIRST_NODE --master_port 29500 \
           expo_grpo.py --batch_size 64 --output_dir /shared/runs/expo_grpo
   CPU toy lab, GRPO vs ExP-GRPO on n-digit addition (README "Toy lab"): bash examples/toy_lab.sh
-  CPU demo (random-weight tiny model, synthetic arithmetic, about a minute):
+  CPU demo (random-weight tiny model, synthetic arithmetic, 15-30 s on 2 cores):
       torchrun --nproc_per_node 2 expo_grpo.py --model tiny --dataset synthetic --levels 1-2 --batch_size 4 \
           --num_generations 4 --max_new_tokens 32 --max_steps 4 --save_every 2 --output_dir runs/demo
-  Continue a run: the same command with --resume.
+  Continue a run: the same command with --resume (README "Resume" says what may change); start over in the same
+  folder: --overwrite_output_dir.
 """
 
 from __future__ import annotations
@@ -49,11 +50,12 @@ import torch
 
 import toy  # noqa: F401  (registers --model tiny|toy and --dataset synthetic|addition)
 from eval import evaluate_run
-from common import (CACHE_DIR, STEP_CHECKERS, LoadError, MetricsLogger, Timer, all_reduce_dict, cleanup_distributed,
-                    cosine_schedule, device_mesh, end_of_step, explanation_prompt, gather_objects, global_batch,
-                    init_distributed, latest_checkpoint, load_checkpoint, load_model, load_run_data, load_tokenizer,
-                    make_batch, optimizer_step, print0, question_prompt, reject_bad_args, resolve_model_path, sample,
-                    score_answers, seed_everything, shard_model, token_logprobs, verify_answer)
+from common import (CACHE_DIR, STEP_CHECKERS, LoadError, MetricsLogger, Timer, all_reduce_dict, claim_output_dir,
+                    cleanup_distributed, cosine_schedule, device_mesh, end_of_step, explanation_prompt, gather_objects,
+                    global_batch, init_distributed, latest_checkpoint, load_checkpoint, load_model, load_run_data,
+                    load_tokenizer, make_batch, optimizer_step, parse_flags, print0, question_prompt, reject_bad_args,
+                    resolve_model_path, sample, score_answers, seed_everything, shard_model, text_lines,
+                    token_logprobs, verify_answer)
 
 
 @dataclass
@@ -93,15 +95,16 @@ class Args:
     warmup_ratio: float = field(default=0.1, metadata={"help": "fraction of the steps of linear warm-up before the cosine decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0: none)"})
     epochs: int = field(default=3, metadata={"help": "passes over the training questions"})
-    max_steps: int = field(default=0, metadata={"help": "stop after this many steps (0: epochs x questions / batch_size)"})
+    max_steps: int = field(default=0, metadata={"help": "stop after this many steps (0: epochs x questions / batch_size); --resume may change it: the cosine schedule stretches to the new total"})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute activations in backward (less memory)"})
     bf16: Optional[bool] = field(default=None, metadata={"help": "compute in bf16 from fp32 master weights, gradients reduced in fp32 (default: on GPU, not on CPU)"})
     max_bad_steps: int = field(default=10, metadata={"help": "stop, with a checkpoint of the last good state, after this many skipped (non-finite) steps in a row"})
     hybrid_shard: bool = field(default=False, metadata={"help": "multi-node: shard within each node, replicate across nodes (HSDP)"})
     seed: int = field(default=0, metadata={"help": "seed of data order and sampling"})
     # logging, checkpoints, evaluation
-    output_dir: str = field(default="runs/expo_grpo", metadata={"help": "metrics.jsonl, samples.jsonl, checkpoints, hf/ export"})
-    resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in output_dir"})
+    output_dir: str = field(default="runs/expo_grpo", metadata={"help": "run_config.json, metrics.jsonl, samples.jsonl, checkpoints, hf/ export (one run at a time)"})
+    resume: bool = field(default=False, metadata={"help": "continue from the newest complete checkpoint in output_dir; flags that change the run must be its own (README \"Resume\")"})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "start over in an output_dir that holds another run: its checkpoints, hf/, metrics and samples are deleted first"})
     save_every: int = field(default=50, metadata={"help": "checkpoint and export to OUTPUT_DIR/hf every this many steps (and at the end)"})
     save_total_limit: int = field(default=2, metadata={"help": "checkpoints kept"})
     probe_every: int = field(default=1, metadata={"help": "measure NLL of explanations and expert solutions under the policy every this many steps (0: never)"})
@@ -156,6 +159,29 @@ def validate_args(args: Args, world_size: int) -> None:
         (args.resume and latest_checkpoint(args.output_dir) is None, f"--resume: no checkpoint in {args.output_dir}"),
     ]
     reject_bad_args(problems, args, "expo_grpo.py")
+
+
+def check_explanations_file(path: str, rows: list[dict]) -> int:
+    """How many of `rows` (the questions the run uses) an `--explanations` JSONL file explains, read before any
+    model is loaded. A record that is not a JSON object with string `question` and `explanation` (and, if any,
+    `completion_ids` a list of token ids) is a ValueError naming the file and line; so is a file that explains
+    none of the run's questions, which would silently make the run plain GRPO."""
+    explained = set()
+    for number, line in text_lines(path):
+        try:
+            record = json.loads(line)
+        except ValueError as e:
+            raise ValueError(f"{path} line {number}: not JSON ({e})") from None
+        if (not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("question", "explanation"))
+                or not isinstance(record.get("completion_ids", []), list)):
+            raise ValueError(f"{path} line {number}: a record must be a JSON object with string `question` and "
+                             "`explanation` fields (and `completion_ids` a list of token ids, if given)")
+        explained.add(record["question"])
+    covered = sum(r["question"] in explained for r in rows)
+    if not covered:
+        raise ValueError(f"{path} explains none of the run's {len(rows)} questions (its `question` fields must be the "
+                         f"data set's questions, exactly: the first of the run's is {rows[0]['question'][:60]!r})")
+    return covered
 
 
 # ====================================================================================================
@@ -452,8 +478,11 @@ def offline_explanations(model, tokenizer, rows: list[dict], args: Args) -> tupl
     """The explanation of each row by the initial policy, from the cache or sampled now (and added to it).
 
     One run at a time fills a cache file (a file lock held by rank 0), so arms started together sample each
-    explanation once. Sampling runs on its own random stream, so a run draws the same samples afterwards
-    whether the cache was warm or cold. Returns {question: record} and a line saying what happened.
+    explanation once. **Decision**: the paper's "initial policy, once" is one explanation per question, a fixed
+    data set (the paper published its own): each is drawn from a random stream seeded by its question alone,
+    not by --seed, so it does not depend on which runs filled the cache before, on the batch it was sampled
+    in, on the number of ranks or on where the model lies; every arm and seed trains on the same explanation.
+    The run's own random state is left alone. Returns {question: record} and a line saying what happened.
     """
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     path = explanation_cache_path(args, tokenizer)
@@ -465,11 +494,10 @@ def offline_explanations(model, tokenizer, rows: list[dict], args: Args) -> tupl
     bank = read_explanations(path, tokenizer) if os.path.exists(path) else {}
     missing = list({r["question"]: r for r in rows if r["question"] not in bank}.values())
     mine = missing[rank::world]
-    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
-        torch.manual_seed(args.seed * 7919 + rank)
-        out = sample(model, tokenizer, [explanation_prompt(tokenizer, r["question"], r["answer"]) for r in mine],
-                     n=1, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                     micro_batch_size=args.gen_batch_size, min_new_tokens=args.min_new_tokens, desc="explanations")
+    seeds = [int.from_bytes(hashlib.sha256(r["question"].encode()).digest()[:8], "little") for r in mine]
+    out = sample(model, tokenizer, [explanation_prompt(tokenizer, r["question"], r["answer"]) for r in mine],
+                 n=1, max_new_tokens=args.max_new_tokens, temperature=args.temperature, seeds=seeds,
+                 micro_batch_size=args.gen_batch_size, min_new_tokens=args.min_new_tokens, desc="explanations")
     new = [rec for part in gather_objects(explanation_records(mine, out)) for rec in part]
     if rank == 0:
         with open(path, "a") as f:
@@ -481,25 +509,33 @@ def offline_explanations(model, tokenizer, rows: list[dict], args: Args) -> tupl
 
 
 def main():
-    from transformers import HfArgumentParser
-
-    args = HfArgumentParser(Args).parse_args_into_dataclasses()[0]
+    args = parse_flags(Args, "expo_grpo.py")
     validate_args(args, int(os.environ.get("WORLD_SIZE", 1)))
-    try:  # the data before any model: a bad file fails in seconds, with one line
-        rows, eval_rows, data_stats = load_run_data(args, default_levels="5")
-    except (ValueError, FileNotFoundError) as e:
+    explanation_file = args.sft_source == "explanation" and args.explanations not in ("online", "offline")
+    try:  # the tokenizer, the data and an explanations file before any model: each fails in seconds, with one line
+        tokenizer = load_tokenizer(args.model)
+        rows, eval_rows, data_stats = load_run_data(args, tokenizer, default_levels="5",
+                                                    with_answer=args.sft_source == "explanation")
+        steps_per_epoch = len(rows) // args.batch_size
+        total_steps = args.max_steps or args.epochs * steps_per_epoch
+        # the questions the run's steps take: the offline explanations are those of these questions
+        used = rows if total_steps >= steps_per_epoch else [
+            r for s in range(1, total_steps + 1) for r in global_batch(rows, s, args.batch_size, args.seed)]
+        explained = check_explanations_file(args.explanations, used) if explanation_file else None
+    except (ValueError, OSError) as e:
         raise SystemExit(f"expo_grpo.py: error: {e}")
     info = init_distributed()
+    resume_from = claim_output_dir(args, "expo_grpo.py", rows)  # the folder is this run's, or the run it resumes
     rank, world_size, device = info.rank, info.world_size, info.device
     seed_everything(args.seed, rank)
 
-    # ---- derived sizes, in one place, and the plan
+    # ---- derived sizes, in one place, and the plan (steps_per_epoch, total_steps and used: with the data above)
     G = args.num_generations
     nq = args.batch_size // world_size  # questions per rank
-    steps_per_epoch = len(rows) // args.batch_size
-    total_steps = args.max_steps or args.epochs * steps_per_epoch
     has_positive = args.sft_source != "none"
-    positive = {"explanation": f"self-explanations ({args.explanations}, check: {args.explanation_check})",
+    source = (f"{args.explanations}, which explains {explained} of the run's {len(used)} questions"
+              if explanation_file else args.explanations)
+    positive = {"explanation": f"self-explanations ({source}, check: {args.explanation_check})",
                 "expert": "the dataset's solutions", "none": "none"}[args.sft_source]
     print0(f"ExP-GRPO | world size {world_size} | per step: {args.batch_size} questions ({nq} per rank) x G {G} = "
            f"{args.batch_size * G} completions of at most {args.max_new_tokens} tokens | positive samples: {positive}, "
@@ -510,7 +546,6 @@ def main():
 
     # ---- models, optimizer, schedule, resume
     try:
-        tokenizer = load_tokenizer(args.model)
         policy = load_model(args.model, device, args.gradient_checkpointing)
         ref_model = load_model(args.model, device, trainable=False) if args.beta > 0 else None
     except LoadError as e:
@@ -528,8 +563,6 @@ def main():
     # questions this run will see
     bank = None  # question -> explanation record, when not sampled online
     if args.sft_source == "explanation" and args.explanations != "online":
-        used = rows if total_steps >= steps_per_epoch else [
-            r for s in range(1, total_steps + 1) for r in global_batch(rows, s, args.batch_size, args.seed)]
         if args.explanations == "offline":
             bank, how = offline_explanations(model, tokenizer, used, args)
         else:
@@ -537,11 +570,8 @@ def main():
         print0(f"offline explanations for {len(used)} questions: {how}")
 
     start_step, state = 0, {"skipped_steps": 0, "bad_in_a_row": 0}
-    if args.resume:
-        try:
-            state.update(load_checkpoint(latest_checkpoint(args.output_dir), model, optimizer, scheduler))
-        except LoadError as e:
-            raise SystemExit(f"expo_grpo.py: error: {e}")
+    if resume_from:
+        state.update(load_checkpoint(resume_from, model, optimizer, scheduler))
         start_step = state.pop("step")
         print0(f"resumed from step {start_step}")
     logger = MetricsLogger(args.output_dir, config=asdict(args), wandb_project=args.wandb_project,

@@ -17,6 +17,13 @@ sys.path.insert(0, ROOT)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
        "PYTHONPATH": ROOT, "PYTHONWARNINGS": "ignore"}
 
+def machine() -> str:
+    """Printed by every benchmark that reports a time: the CPU (or GPU) it ran on, and the threads of each contender."""
+    from common import machine_line
+
+    return f"machine: {machine_line().split(', torch threads')[0]}; each contender on {ENV['OMP_NUM_THREADS']} thread(s)"
+
+
 # Every answer verifies: with a random-weight model no explanation ever reaches a*, so without this the
 # ExP-GRPO arm would never train on one and its cost would be understated. Rewards being all 1 changes
 # no amount of work (the policy loss is computed the same way), so both arms run with it.

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from _harness import load_average, median, run_expo, table
+from _harness import load_average, machine, median, run_expo, table
 
 
 def main():
@@ -27,6 +27,7 @@ def main():
     p.add_argument("--G", type=int, default=8)
     p.add_argument("--max_new_tokens", type=int, default=64, help="completion and explanation length (forced)")
     a = p.parse_args()
+    print(machine(), flush=True)
 
     common_args = ["--model", "tiny", "--dataset", "synthetic", "--levels", "1-2", "--batch_size", str(a.batch_size),
                    "--num_generations", str(a.G), "--micro_batch_size", "8", "--gen_batch_size",

@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 
-from _harness import ENV, ROOT, load_average, median, table, torchrun
+from _harness import ENV, ROOT, load_average, machine, median, table, torchrun
 
 MODES = ("unsharded", "unsharded x2", "sharded", "naive")
 
@@ -118,6 +118,7 @@ def main():
     p.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
+    print(machine(), flush=True)
     if a.worker:
         return worker(a)
 

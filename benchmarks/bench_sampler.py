@@ -25,6 +25,7 @@ from torch import nn
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(_HERE))  # the repository root
 
+from _harness import machine  # noqa: E402
 from common import fsdp_modules, gathered_params, progress  # noqa: E402
 from common import sample as new_sample  # noqa: E402
 
@@ -121,6 +122,7 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    print(machine(), flush=True)
     threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
     torch.set_num_threads(threads)
 

@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 
-from _harness import ENV, ROOT, Phases, load_average, median, run_expo, table
+from _harness import ENV, Phases, ROOT, load_average, machine, median, run_expo, table
 
 PHASES = ["sampling", "rewards", "reference pass", "policy forward", "backward", "optimizer", "metrics, logging",
           "other", "step"]
@@ -231,6 +231,7 @@ def main():
     p.add_argument("--trl_worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--expo_profile_worker", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
+    print(machine(), flush=True)
     if a.trl_worker:
         return trl_worker(a)
     if a.expo_profile_worker:

@@ -11,7 +11,8 @@ any verdict was read; the arms differ only in the flags that define them.
     python examples/toy_lab.py grpo|dpo|table3|coef|probe   # one part (on the cells of BUILD_SEEDS x RL_SEEDS)
     python examples/toy_lab.py claims     # the claims table of what OUT holds, no training
 
-Knobs (environment): OUT, BUILD_SEEDS, RL_SEEDS, STEPS, BUILD_STEPS, EVAL_EVERY, EVAL_LIMIT, FINAL_LIMIT, JOBS.
+Knobs (environment): OUT, BUILD_SEEDS, RL_SEEDS, STEPS, BUILD_STEPS, EVAL_EVERY, EVAL_LIMIT, FINAL_LIMIT, JOBS, and
+ARMS (run these arms instead of the part's, e.g. ARMS="grpo expo").
 Writes OUT/b{build}/{arm}_r{seed}/ (run folders), OUT/b{build}/eval_{trained}_r{seed}/ (tables by level),
 OUT/claims.json and OUT/claims.md.
 """
@@ -161,7 +162,10 @@ def build_base(build_seed: int, k: dict) -> str:
 
 def lab(mode: str, k: dict) -> None:
     start = time.time()
-    arms = PARTS[mode]
+    arms = os.environ.get("ARMS", "").split() or PARTS[mode]
+    unknown = [a for a in arms if a not in ARMS and a not in PROBES]
+    if unknown:
+        raise SystemExit(f"toy_lab: unknown arm(s) {' '.join(unknown)}; the arms: {' '.join([*ARMS, *PROBES])}")
     print(f"toy lab {mode}: {len(arms)} runs x {len(k['builds'])} base builds x {len(k['seeds'])} RL seeds -> {k['out']} "
           f"| {machine()}", flush=True)
     bases = {b: build_base(b, k) for b in k["builds"]}
@@ -197,10 +201,10 @@ def lab(mode: str, k: dict) -> None:
 
 
 def machine() -> str:
-    """The CPU, its cores and the thread setting: every timing this lab prints is of this machine."""
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                 "unknown CPU") if os.path.exists("/proc/cpuinfo") else "unknown CPU"
-    return f"{model}, {os.cpu_count()} cores, one thread per run, {os.environ.get('JOBS', 2)} runs at a time"
+    """Every timing this lab prints is of this machine: its CPU and cores, and how the runs share them."""
+    from common import machine_line
+
+    return f"{machine_line().split(', torch threads')[0]}, one thread per run, {os.environ.get('JOBS', 2)} runs at a time"
 
 
 # ----------------------------------------------------------------------------------------------------

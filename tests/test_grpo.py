@@ -338,6 +338,23 @@ def test_offline_explanations_are_cached_per_model_data_and_prompt(tmp_path, mon
     assert key() != before
 
 
+def test_offline_explanations_do_not_depend_on_the_cache_history_or_the_seed(tmp_path):
+    """Issue 19: --seed 1 on a cold cache, and --seed 1 after a --seed 0 run filled part of the cache, train on the
+    same explanation of each question; so does --seed 0 (one explanation per question: a fixed data set)."""
+    def explanations(cache, *seeds):  # each cache builds its own copy of the tiny model (other file times)
+        for s in seeds:
+            run_torchrun("expo_grpo.py", TINY + ["--output_dir", str(tmp_path / f"{cache}_{s}"), "--max_steps", "2",
+                                                 "--probe_every", "0", "--save_every", "0", "--seed", str(s)],
+                         env={"EXPO_CACHE": str(tmp_path / cache)})
+        (path,) = (tmp_path / cache / "explanations").glob("*.jsonl")
+        return {r["question"]: r["completion_ids"] for r in map(json.loads, open(path))}
+
+    cold, warm = explanations("cold", 1), explanations("warm", 0, 1)
+    assert len(warm) > len(cold) > 0  # seed 0 used other questions too
+    assert all(warm[q] == ids for q, ids in cold.items())
+    assert len(set(map(tuple, cold.values()))) > 1  # not one text for all
+
+
 def test_expert_arm(tmp_path):
     out = str(tmp_path / "run")
     run_torchrun("expo_grpo.py", TINY + ["--output_dir", out, "--sft_source", "expert", "--max_steps", "2", "--beta", "0",
