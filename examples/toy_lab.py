@@ -6,7 +6,7 @@ here is `expo_grpo.py`, `expo_dpo.py` or `eval.py` with flags; this file only ch
 a time (one core each) and reads their metrics. One recipe per algorithm (GRPO_RECIPE, DPO_RECIPE), fixed before
 any verdict was read; the arms differ only in the flags that define them.
 
-    python examples/toy_lab.py            # quick: the shipped base, ExP-GRPO vs expert SFT vs GRPO, one cell
+    python examples/toy_lab.py            # quick: the shipped base, ExP-GRPO vs expert SFT vs GRPO, one cell, no table by level
     python examples/toy_lab.py full       # every part on 3 base builds x 2 RL seeds, then the claims table
     python examples/toy_lab.py grpo|dpo|table3|coef|probe   # one part (on the cells of BUILD_SEEDS x RL_SEEDS)
     python examples/toy_lab.py claims     # the claims table of what OUT holds, no training
@@ -94,7 +94,8 @@ def knobs(mode: str) -> dict:
             "steps": int(os.environ.get("STEPS", 100)), "build_steps": int(os.environ.get("BUILD_STEPS", 600)),
             "eval_every": int(os.environ.get("EVAL_EVERY", 25 if full else 50)),
             "eval_limit": int(os.environ.get("EVAL_LIMIT", 200)), "final_limit": int(os.environ.get("FINAL_LIMIT", 600)),
-            "jobs": int(os.environ.get("JOBS", 2)), "shipped": not full}
+            # quick: its four runs at once (one thread each): two cores finish them sooner than two at a time
+            "jobs": int(os.environ.get("JOBS", 2 if full else 4)), "shipped": not full}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -167,7 +168,7 @@ def lab(mode: str, k: dict) -> None:
     if unknown:
         raise SystemExit(f"toy_lab: unknown arm(s) {' '.join(unknown)}; the arms: {' '.join([*ARMS, *PROBES])}")
     print(f"toy lab {mode}: {len(arms)} runs x {len(k['builds'])} base builds x {len(k['seeds'])} RL seeds -> {k['out']} "
-          f"| {machine()}", flush=True)
+          f"| {machine()}, {k['jobs']} at a time", flush=True)
     bases = {b: build_base(b, k) for b in k["builds"]}
     jobs = []
     for b, base in bases.items():
@@ -182,8 +183,8 @@ def lab(mode: str, k: dict) -> None:
     # the offline explanations are sampled once per base, by the first run that needs them: start those first
     jobs.sort(key=lambda j: "--sft_source" not in j[0] or "explanation" not in j[0])
     run_all(jobs, k["jobs"], start)
-    evals = []  # by-level tables: the base and the arms of TABLES, on the same held-out sums
-    for b, base in bases.items():
+    evals = []  # by-level tables: the base and the arms of TABLES, on the same held-out sums (not in the quick run)
+    for b, base in (bases.items() if mode != "quick" else []):
         models = [("base", base)] + [(f"{a}_r{s}", os.path.join(k["out"], f"b{b}", f"{a}_r{s}", "hf"))
                                      for s in k["seeds"] for a in sum(TABLES.values(), [])
                                      if a in arms and finished(os.path.join(k["out"], f"b{b}", f"{a}_r{s}"), k["steps"])]
@@ -197,14 +198,14 @@ def lab(mode: str, k: dict) -> None:
                               f"b{b}/eval/{name}"))
     run_all(evals, k["jobs"], start)
     report(k)
-    print(f"total {time.time() - start:.0f}s | {machine()}")
+    print(f"total {time.time() - start:.0f}s | {machine()}, {k['jobs']} at a time")
 
 
 def machine() -> str:
     """Every timing this lab prints is of this machine: its CPU and cores, and how the runs share them."""
     from common import machine_line
 
-    return f"{machine_line().split(', torch threads')[0]}, one thread per run, {os.environ.get('JOBS', 2)} runs at a time"
+    return f"{machine_line().split(', torch threads')[0]}, one thread per run"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -364,7 +365,7 @@ def report(k: dict) -> list[dict]:
         print(f"| {name} | " + " | ".join(f"{f[a + '/final']:.3f}" if f"{a}/final" in f else "-" for a in arms) + " |")
     for table, trained in TABLES.items():
         for name, f in cells.items():
-            if f"{table}/base/levels" in f:
+            if f"{table}/base/levels" in f and any(f"{table}/{a}/levels" in f for a in trained):
                 cols = ["base"] + [a for a in trained if f"{table}/{a}/levels" in f]
                 print(f"\n{name}: greedy accuracy (%) by digits on {k['final_limit']} held-out sums, trained on "
                       f"{'5-6' if table == 'hard' else '1-6'} digits")
