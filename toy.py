@@ -195,14 +195,18 @@ def addition_solution(a: int, b: int) -> str:
     >>> addition_solution(12345, 67890)
     '5005 4903 3812 2710 1618 \\\\boxed{80235}'
     """
+    return " ".join(f"{x}{y}{carry}{total % 10}" for x, y, carry, total in _columns(a, b)) + f" \\boxed{{{a + b}}}"
+
+
+def _columns(a: int, b: int):
+    """(digit of a, digit of b, carry in, column total) of each column, right to left."""
     n = max(len(str(a)), len(str(b)))
     da, db = str(a).zfill(n), str(b).zfill(n)
-    steps, carry = [], 0
+    carry = 0
     for i in range(n - 1, -1, -1):
-        s = int(da[i]) + int(db[i]) + carry
-        steps.append(f"{da[i]}{db[i]}{carry}{s % 10}")
-        carry = s // 10
-    return " ".join(steps) + f" \\boxed{{{a + b}}}"
+        total = int(da[i]) + int(db[i]) + carry
+        yield int(da[i]), int(db[i]), carry, total
+        carry = total // 10
 
 
 # An expert's solution, the positive sample of `--sft_source expert` and `--chosen expert`, is written as a person
@@ -229,14 +233,7 @@ def addition_columns(a: int, b: int) -> str:
     >>> addition_columns(12345, 67890)
     '5+0>05 4+9>13 3+8>12 2+7>10 1+6>08 \\\\boxed{80235}'
     """
-    n = max(len(str(a)), len(str(b)))
-    da, db = str(a).zfill(n), str(b).zfill(n)
-    steps, carry = [], 0
-    for i in range(n - 1, -1, -1):
-        total = int(da[i]) + int(db[i]) + carry
-        steps.append(f"{da[i]}+{db[i]}>{total:02d}")
-        carry = total // 10
-    return " ".join(steps) + f" \\boxed{{{a + b}}}"
+    return " ".join(f"{x}+{y}>{total:02d}" for x, y, _, total in _columns(a, b)) + f" \\boxed{{{a + b}}}"
 
 
 SOLUTION_STYLES = {"own": addition_solution, "terse": addition_terse, "columns": addition_columns}
