@@ -263,7 +263,7 @@ def test_two_rank_toy_run_with_step_check_and_anchor(tmp_path):
     even rows, and for odd rows one with a wrong first step that still copies the right answer (an answer check
     would keep it). Only the even rows may be trained on, under both prompts."""
     model = toy.build_toy_model(str(tmp_path / "toy"), steps=20, batch_size=32, eval_size=0, verbose=False)
-    rows, _ = common.load_problems("addition", levels=[5, 6], seed=0)
+    rows, _ = common.load_problems("addition_own", levels=[5, 6], seed=0)  # the model's own chains of thought
     path = tmp_path / "explanations.jsonl"
     with open(path, "w") as f:
         for i, r in enumerate(rows):
