@@ -264,7 +264,9 @@ def _table3(f):
     if not all(k in f for k in keys):
         return None
     expo, base, grpo = (f[k] for k in keys)
-    worst = min(100 * (expo[lv] - base[lv]) for lv in expo)
+    if not {"5", "6"} <= set(expo) & set(grpo):  # a small evaluation may miss a level
+        return None
+    worst = min(100 * (expo[lv] - base[lv]) for lv in set(expo) & set(base))
     return worst, worst >= -5 and all(expo[lv] > grpo[lv] for lv in ("5", "6"))
 
 
@@ -272,8 +274,10 @@ def _hardest_gain(f):
     """ExP-GRPO's gain over GRPO at 6 digits minus its largest gain at 1-3 digits (points), trained on all levels."""
     if "all/expo_all/levels" not in f or "all/grpo_all/levels" not in f:
         return None
-    gain = {lv: 100 * (f["all/expo_all/levels"][lv] - f["all/grpo_all/levels"][lv]) for lv in f["all/expo_all/levels"]}
-    return gain["6"] - max(gain[lv] for lv in ("1", "2", "3"))
+    expo, grpo = f["all/expo_all/levels"], f["all/grpo_all/levels"]
+    gain = {lv: 100 * (expo[lv] - grpo[lv]) for lv in set(expo) & set(grpo)}
+    easy = [gain[lv] for lv in ("1", "2", "3") if lv in gain]
+    return gain["6"] - max(easy) if "6" in gain and easy else None
 
 
 def _deceptive(f):
