@@ -381,7 +381,8 @@ def report(k: dict) -> list[dict]:
     with open(os.path.join(k["out"], "claims.json"), "w") as fh:
         json.dump(result, fh, indent=1)
     lines = ["| claim | where | paper | toy measure | toy median (min .. max) | verdict |", "|---|---|---|---|---|---|"]
-    lines += [f"| {c['claim']} | {c['where']} | {c['paper']} | {c['measure']} | {c['toy_median']:+.3f} "
+    cell = lambda text: text.replace("|", "\\|")  # noqa: E731 (a | inside a markdown cell ends it)
+    lines += [f"| {c['claim']} | {c['where']} | {c['paper']} | {cell(c['measure'])} | {c['toy_median']:+.3f} "
               f"({c['toy_min']:+.3f} .. {c['toy_max']:+.3f}) | {c['verdict']} |" for c in result]
     with open(os.path.join(k["out"], "claims.md"), "w") as fh:
         fh.write("\n".join(lines) + "\n")
