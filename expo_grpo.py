@@ -26,7 +26,7 @@ Commands
   2 nodes of 8 GPUs (the same on both, NODE_RANK 0 and 1; README "Multi-node"; --hybrid_shard: HSDP):
       torchrun --nnodes 2 --nproc_per_node 8 --node_rank $NODE_RANK --master_addr $FIRST_NODE --master_port 29500 \
           expo_grpo.py --batch_size 64 --output_dir /shared/runs/expo_grpo
-  CPU toy lab, GRPO vs ExP-GRPO on n-digit addition (README "Toy lab"): bash examples/toy_lab.sh
+  CPU toy lab, the paper's claims on n-digit addition (README "Toy lab"): bash examples/toy_lab.sh
   CPU demo (random-weight tiny model, synthetic arithmetic, 15-30 s on 2 cores):
       torchrun --nproc_per_node 2 expo_grpo.py --model tiny --dataset synthetic --levels 1-2 --batch_size 4 \
           --num_generations 4 --max_new_tokens 32 --max_steps 4 --save_every 2 --output_dir runs/demo

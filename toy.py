@@ -2,10 +2,12 @@
 
 - `--model tiny`: a random-weight Qwen2 (2 layers, width 64) with a byte-level BPE tokenizer trained offline,
   for smoke runs and tests of every code path. `--dataset synthetic`: arithmetic word problems, levels 1-5.
-- `--model toy` and `--dataset addition`: the toy lab (README "Toy lab"). n-digit addition with a
-  digit-by-digit chain of thought, and a 3-layer character-level Qwen2 trained here once to solve 1-3 digit
-  sums, (almost) never 5-6 digit ones, but to explain those when shown the answer: ExPO's situation in
-  miniature, where GRPO sees only zero rewards and self-explanations are a positive sample the model can write.
+- `--model toy` and `--dataset addition`: the toy lab (README "Toy lab"). n-digit addition, and a 3-layer
+  character-level Qwen2 trained here (or shipped, for the quick lab) on its own digit-by-digit chain of thought to
+  solve 1-3 digit sums, (almost) never 5-6 digit ones, but to explain those when shown the answer: ExPO's situation
+  in miniature, where GRPO sees only zero rewards and self-explanations are a positive sample the model can write.
+  The data sets' expert solutions are written as a person would (`addition`, `addition_columns`), not in the
+  model's format (`addition_own`).
 
 Everything here goes through common.py's prompts, sampler, reward and log-probs, as MATH does; common.py names
 none of it. Importing this module registers the names above with common (`register_model`, `register_dataset`).
