@@ -6,13 +6,14 @@ here is `expo_grpo.py`, `expo_dpo.py` or `eval.py` with flags; this file only ch
 a time (one core each) and reads their metrics. One recipe per algorithm (GRPO_RECIPE, DPO_RECIPE), fixed before
 any verdict was read; the arms differ only in the flags that define them.
 
-    python examples/toy_lab.py            # quick: the shipped base, ExP-GRPO vs expert SFT vs GRPO, one cell, no table by level
+    python examples/toy_lab.py            # quick: the shipped base, ExP-GRPO vs expert SFT vs GRPO, one cell at G 4
     python examples/toy_lab.py full       # every part on 3 base builds x 2 RL seeds, then the claims table
     python examples/toy_lab.py grpo|dpo|table3|coef|probe   # one part (on the cells of BUILD_SEEDS x RL_SEEDS)
     python examples/toy_lab.py claims     # the claims table of what OUT holds, no training
 
-Knobs (environment): OUT, BUILD_SEEDS, RL_SEEDS, STEPS, BUILD_STEPS, EVAL_EVERY, EVAL_LIMIT, FINAL_LIMIT, JOBS, and
-ARMS (run these arms instead of the part's, e.g. ARMS="grpo expo").
+Knobs (environment): OUT, BUILD_SEEDS, RL_SEEDS, STEPS, BUILD_STEPS, EVAL_EVERY, EVAL_LIMIT, FINAL_LIMIT, JOBS,
+GENERATIONS (the GRPO arms' G: 8, the recipe's, except in the quick run), and ARMS (run these arms instead of the
+part's, e.g. ARMS="grpo expo").
 Writes OUT/b{build}/{arm}_r{seed}/ (run folders), OUT/b{build}/eval_{trained}_r{seed}/ (tables by level),
 OUT/claims.json and OUT/claims.md.
 """
@@ -91,7 +92,11 @@ def knobs(mode: str) -> dict:
     full = mode != "quick"
     return {"out": os.environ.get("OUT", os.path.join("runs", "toy_lab_quick" if mode == "quick" else "toy_lab_full")),
             "builds": env_list("BUILD_SEEDS", "0 1 2" if full else "0"), "seeds": env_list("RL_SEEDS", "0 1" if full else "0"),
-            "steps": int(os.environ.get("STEPS", 100)), "build_steps": int(os.environ.get("BUILD_STEPS", 600)),
+            "steps": int(os.environ.get("STEPS", 100)),
+            # quick: half the recipe's rollouts (G 4), to fit a few minutes on a slow 2-core CPU; GENERATIONS=8 gives
+            # exactly the full lab's cell of base 0, RL seed 0
+            "generations": int(os.environ.get("GENERATIONS", 8 if full else 4)),
+            "build_steps": int(os.environ.get("BUILD_STEPS", 600)),
             "eval_every": int(os.environ.get("EVAL_EVERY", 25 if full else 50)),
             "eval_limit": int(os.environ.get("EVAL_LIMIT", 200)), "final_limit": int(os.environ.get("FINAL_LIMIT", 600)),
             # quick: its four runs at once (one thread each): two cores finish them sooner than two at a time
@@ -109,7 +114,7 @@ def run_command(arm: str, base: str, seed: int, out_dir: str, k: dict) -> list[s
                 "--levels", HARD, "--batch_size", "128", "--num_generations", "2", "--max_steps", "1", "--lr", "0",
                 "--probe_every", "1", "--probe_answer_logprob", "--log_samples", "128"]
     script, flags = ARMS[arm]
-    recipe = GRPO_RECIPE if script == "expo_grpo.py" else DPO_RECIPE
+    recipe = GRPO_RECIPE + ["--num_generations", str(k["generations"])] if script == "expo_grpo.py" else DPO_RECIPE
     dataset = [] if "--dataset" in flags else ["--dataset", "addition"]
     return [script, *recipe, *common_flags, *dataset, "--max_steps", str(k["steps"]), "--eval_every",
             str(k["eval_every"]), "--eval_levels", HARD, "--eval_limit", str(k["eval_limit"]), "--eval_num_samples", "1",

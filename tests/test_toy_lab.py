@@ -122,6 +122,25 @@ def test_the_quick_lab_runs_to_its_last_line_and_writes_claims(tmp_path):
     assert all(set(c) == {"claim", "where", "paper", "measure", "toy_median", "toy_min", "toy_max", "cells_held",
                           "cells", "verdict"} for c in claims)
     assert proc.stdout.rstrip().splitlines()[-1].startswith("total ")
+    # the quick run's GRPO arms sample half the recipe's group (what the scripts ran with, from their run folders)
+    assert {json.load(open(tmp_path / "lab" / "b0" / f"{a}_r0" / "run_config.json"))["args"]["num_generations"]
+            for a in ("grpo", "expo", "expert_terse")} == {4}
+
+
+def test_generations_knob_sets_g_of_the_grpo_arms_only(monkeypatch):
+    """G is the recipe's 8 in every part but quick (4); GENERATIONS overrides both; DPO and the probes keep theirs.
+    Read as the scripts read their flags (the last of a repeated flag wins)."""
+    import argparse
+
+    def g(mode, arm):
+        parser = argparse.ArgumentParser()
+        parser.add_argument("--num_generations", type=int)
+        return parser.parse_known_args(toy_lab.run_command(arm, "base", 0, "out", toy_lab.knobs(mode))[1:])[0].num_generations
+
+    assert [g("quick", a) for a in ("grpo", "expo", "expert_terse", "probe_terse")] == [4, 4, 4, 2]
+    assert [g("grpo", "expo"), g("full", "expo_all"), g("full", "dpo_expl_online")] == [8, 8, 4]
+    monkeypatch.setenv("GENERATIONS", "8")
+    assert g("quick", "expo") == 8
 
 
 @pytest.fixture(scope="module")
