@@ -3,7 +3,8 @@
 #   bash examples/toy_lab.sh          # quick: ExP-GRPO vs expert SFT vs GRPO on the shipped base, one cell
 #   bash examples/toy_lab.sh full     # every part on 3 base builds x 2 RL seeds, then the claims table
 #   bash examples/toy_lab.sh grpo|dpo|table3|coef|probe|claims
-# Knobs (environment): OUT, BUILD_SEEDS, RL_SEEDS, STEPS, BUILD_STEPS, EVAL_EVERY, EVAL_LIMIT, FINAL_LIMIT, JOBS, ARMS.
+# Knobs (environment): OUT, BUILD_SEEDS, RL_SEEDS, STEPS, BUILD_STEPS, EVAL_EVERY, EVAL_LIMIT, FINAL_LIMIT, JOBS,
+# GENERATIONS (G of the GRPO arms; quick 4, else 8), ARMS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 exec python examples/toy_lab.py "$@"
