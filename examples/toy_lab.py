@@ -35,10 +35,10 @@ sys.path.insert(0, ROOT)
 # The recipes and the arms
 # ----------------------------------------------------------------------------------------------------
 
-# ExP-GRPO and its baselines: 100 steps of 32 questions, G 8, T 1, lr 2e-3, beta 0, lambda 0.04; greedy held-out
-# accuracy on EVAL_LIMIT 5-6 digit sums every EVAL_EVERY steps. 64 new tokens: the longest expert style (columns,
-# 6 digits) is 58 tokens with its end token.
-GRPO_RECIPE = ["--batch_size", "32", "--num_generations", "8", "--temperature", "1.0", "--lr", "2e-3", "--beta", "0",
+# ExP-GRPO and its baselines: 100 steps of 32 questions, G 8 (set by knobs' GENERATIONS: 4 in the quick run), T 1,
+# lr 2e-3, beta 0, lambda 0.04; greedy held-out accuracy on EVAL_LIMIT 5-6 digit sums every EVAL_EVERY steps.
+# 64 new tokens: the longest expert style (columns, 6 digits) is 58 tokens with its end token.
+GRPO_RECIPE = ["--batch_size", "32", "--temperature", "1.0", "--lr", "2e-3", "--beta", "0",
                "--sft_coef", "0.04", "--max_new_tokens", "64", "--micro_batch_size", "128", "--gen_batch_size", "256",
                "--no_gradient_checkpointing", "--save_every", "0", "--probe_every", "0", "--log_samples", "1"]
 # ExP-DPO: the same data, batch, sampling and optimizer; the paper's DPO beta 0.1; 4 CoTs per question to find a
