@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass, field
 import torch.distributed as dist
 
 import common
+import engine
+import runs
 import toy  # noqa: F401  (registers --model tiny|toy and --dataset synthetic|addition)
 
 
@@ -151,7 +153,7 @@ def evaluate(model, tokenizer, rows: list[dict], n: int = 4, temperature: float 
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     indices = list(range(rank, len(rows), world))
     prompts = [common.question_prompt(tokenizer, rows[i]["question"]) for i in indices]
-    out = common.sample(model, tokenizer, prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
+    out = engine.sample(model, tokenizer, prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
                         top_p=top_p, micro_batch_size=micro_batch_size, desc="eval")
     # prompt-major: completion j belongs to problem j // n
     scores, verify_stats = common.score_answers(out["texts"], [rows[indices[j // n]]["answer"] for j in range(len(out["texts"]))])
@@ -164,11 +166,11 @@ def evaluate(model, tokenizer, rows: list[dict], n: int = 4, temperature: float 
             "extracted": common.extract_boxed(text), "correct": bool(scores[j]),
             "num_tokens": len(out["completion_ids"][j]), "truncated": not out["eos"][j],
         })
-    samples = [s for part in common.gather_objects(local) for s in part]
+    samples = [s for part in engine.gather_objects(local) for s in part]
     samples.sort(key=lambda s: (s["problem_index"], s["sample_index"]))
     summary = summarize(samples, n, ks)
-    seen = common.all_reduce_dict({**verify_stats, "decoded_slots": out["stats"]["decoded_slots"],
-                                   "useful_tokens": out["stats"]["useful_tokens"]}, op="sum")
+    seen = engine.sum_over_ranks({**verify_stats, "decoded_slots": out["stats"]["decoded_slots"],
+                                   "useful_tokens": out["stats"]["useful_tokens"]})
     summary.update({k: seen[k] for k in verify_stats})  # what the verifier saw, on every rank
     summary["pad_waste"] = 1 - seen["useful_tokens"] / max(seen["decoded_slots"], 1)
     return summary, samples
@@ -295,13 +297,13 @@ def plot_main(argv: list[str]) -> None:
 
 
 def main() -> None:
-    args = common.parse_flags(Args, "eval.py")
+    args = runs.parse_flags(Args, "eval.py")
     ks = sorted(set(args.ks)) or default_ks(args.num_samples)
     levels = common.parse_levels(args.levels)
     model_slug = re.sub(r"[^\w.-]+", "_", args.model.strip("/"))
     data_slug = re.sub(r"[^\w.-]+", "_", os.path.splitext(args.dataset)[0].strip("./"))
     args.output_dir = args.output_dir or os.path.join("eval_results", f"{model_slug}-{data_slug}")
-    common.reject_bad_args([
+    runs.reject_bad_args([
         (args.num_samples < 1, f"--num_samples must be >= 1, got {args.num_samples}"),
         (ks[0] < 1 or ks[-1] > args.num_samples,
          f"--ks {ks}: pass@k needs 1 <= k <= n for every k, and n is --num_samples {args.num_samples}"),
@@ -310,10 +312,10 @@ def main() -> None:
         (args.gen_batch_size < 1 or args.limit < 0, "--gen_batch_size must be >= 1 and --limit >= 0"),
         (args.temperature < 0, "--temperature must be >= 0 (0: greedy)"),
         (not 0 < args.top_p <= 1, f"--top_p must be in (0, 1], got {args.top_p}"),
-    ], args, "eval.py")
+    ], "eval.py", args.model, [args.dataset], args.output_dir)
     try:
-        tokenizer = common.load_tokenizer(args.model)
-        fits = common.prompt_fits(tokenizer, common.context_length(args.model), args.max_new_tokens, with_answer=False)
+        tokenizer = engine.load_tokenizer(args.model)
+        fits = common.prompt_fits(tokenizer, engine.context_length(args.model), args.max_new_tokens, with_answer=False)
         rows, data_stats = common.load_problems(args.dataset, split=args.split, config=args.dataset_config,
                                                 levels=levels, limit=args.limit or None, seed=args.seed, fits=fits)
         if not rows:
@@ -322,28 +324,28 @@ def main() -> None:
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         sys.exit(f"eval.py: error: {message}")
 
-    info = common.init_distributed()
-    common.seed_everything(args.seed, info.rank)
-    common.print0(f"eval {args.model} on {args.dataset}: {len(rows)} problems x {args.num_samples} samples, "
+    info = engine.init_distributed()
+    engine.seed_everything(args.seed, info.rank)
+    engine.print0(f"eval {args.model} on {args.dataset}: {len(rows)} problems x {args.num_samples} samples, "
                   f"world size {info.world_size}, temperature {args.temperature}, pass@{ks}, data {dict(data_stats)}")
     try:
-        model = common.load_model(args.model, info.device, trainable=False)
-    except common.LoadError as e:
+        model = engine.load_model(args.model, info.device, trainable=False)
+    except engine.LoadError as e:
         sys.exit(f"eval.py: error: {e}")
-    model = common.shard_model(model, info.device, trainable=False)
+    model = engine.shard_model(model, info.device, trainable=False)
 
-    with common.Timer() as timer:
+    with engine.Timer() as timer:
         summary, samples = evaluate(model, tokenizer, rows, n=args.num_samples, temperature=args.temperature,
                                     max_new_tokens=args.max_new_tokens, micro_batch_size=args.gen_batch_size,
                                     ks=ks, top_p=args.top_p)
     total_tokens = sum(s["num_tokens"] for s in samples)
-    common.print0(f"{len(samples)} samples in {timer.seconds:.1f}s ({total_tokens / timer.seconds:.0f} tokens/s), "
+    engine.print0(f"{len(samples)} samples in {timer.seconds:.1f}s ({total_tokens / timer.seconds:.0f} tokens/s), "
                   f"accuracy {100 * summary['accuracy']:.1f}%, mean length {summary['mean_completion_tokens']:.0f} "
                   f"tokens, truncated {100 * summary['truncated']:.1f}%, verifier time-outs {summary['verify_timeouts']:.0f}, "
                   f"errors {summary['verify_errors']:.0f}, answers too long or complex {summary['verify_prefiltered']:.0f}")
     overall = {"count": summary["num_problems"], **summary}
-    common.print0("\n" + markdown_table(summary["by_level"], overall, "Level", ks))
-    common.print0("\n" + markdown_table(summary["by_subject"], overall, "Subject", ks) + "\n")
+    engine.print0("\n" + markdown_table(summary["by_level"], overall, "Level", ks))
+    engine.print0("\n" + markdown_table(summary["by_subject"], overall, "Subject", ks) + "\n")
 
     if info.is_main:
         os.makedirs(args.output_dir, exist_ok=True)
@@ -352,11 +354,10 @@ def main() -> None:
         with open(os.path.join(args.output_dir, "samples.jsonl"), "w") as f:
             f.writelines(json.dumps(s) + "\n" for s in samples)
         print(f"wrote {args.output_dir}/eval.json and samples.jsonl", flush=True)
-    common.cleanup_distributed()
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] in ("plot", "compare"):
         (plot_main if sys.argv[1] == "plot" else compare_main)(sys.argv[2:])
     else:
-        main()
+        runs.launch(main, "eval.py")

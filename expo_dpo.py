@@ -37,7 +37,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 import torch
@@ -45,11 +45,9 @@ import torch.nn.functional as F
 
 import toy  # noqa: F401  (registers --model tiny|toy and --dataset synthetic|addition)
 from eval import evaluate_run
-from common import (LoadError, MetricsLogger, Timer, all_reduce_dict, claim_output_dir, cleanup_distributed,
-                    cosine_schedule, device_mesh, end_of_step, explanation_prompt, gather_objects, global_batch,
-                    init_distributed, latest_checkpoint, load_checkpoint, load_model, load_run_data, load_tokenizer,
-                    make_batch, optimizer_step, parse_flags, print0, question_prompt, reject_bad_args, sample,
-                    seed_everything, shard_model, token_logprobs, verify_answer)
+from common import explanation_prompt, global_batch, question_prompt, verify_answer
+from engine import Timer, gather_objects, make_batch, optimizer_step, print0, sample, sum_over_ranks, token_logprobs
+from runs import latest_checkpoint, launch, parse_flags, reject_bad_args, start_run
 
 
 @dataclass
@@ -125,7 +123,8 @@ def validate_args(args: Args, world_size: int) -> None:
          f"rank is not divisible by --micro_batch_size {args.micro_batch_size}"),
         (args.resume and latest_checkpoint(args.output_dir) is None, f"--resume: no checkpoint in {args.output_dir}"),
     ]
-    reject_bad_args(problems, args, "expo_dpo.py")
+    reject_bad_args(problems, "expo_dpo.py", args.model, [args.dataset, args.eval_every and args.eval_dataset],
+                    args.output_dir)
 
 
 # ====================================================================================================
@@ -304,63 +303,39 @@ def read_pairs(path: str) -> dict[int, dict]:
 def main():
     args = parse_flags(Args, "expo_dpo.py")
     validate_args(args, int(os.environ.get("WORLD_SIZE", 1)))
-    try:  # the tokenizer and the data before any model: a bad folder or file fails in seconds, with one line
-        tokenizer = load_tokenizer(args.model)
-        rows, eval_rows, data_stats = load_run_data(args, tokenizer, default_levels="all",
-                                                    with_answer=args.chosen == "explanation")
-    except (ValueError, OSError) as e:
-        raise SystemExit(f"expo_dpo.py: error: {e}")
-    info = init_distributed()
-    resume_from = claim_output_dir(args, "expo_dpo.py", rows)  # the folder is this run's, or the run it resumes
-    rank, world, device = info.rank, info.world_size, info.device
-    seed_everything(args.seed, rank)
-
-    # ---- derived settings, in one place, and the plan
-    total_steps = args.max_steps or args.epochs * (len(rows) // args.batch_size)
-    K = args.regen_every
-    online = K > 0
+    online = args.regen_every > 0
+    # offline pairs all come from the initial policy, so its own no-grad pass before training is the reference:
+    # no second copy of the model is needed
+    run = start_run(args, "expo_dpo.py", default_levels="all", with_answer=args.chosen == "explanation",
+                    reference=online)
+    model, tokenizer, optimizer, scheduler = run.model, run.tokenizer, run.optimizer, run.scheduler
+    ref_model = run.ref_model if online else model
+    rank, world, device = run.info.rank, run.info.world_size, run.info.device
+    rows, total_steps, every = run.rows, run.total_steps, args.regen_every
     qids = list(range(len(rows)))
-    print0(f"ExP-DPO | chosen: {args.chosen} | {f'online, pairs rebuilt every {K} steps' if online else 'offline, pairs built once'} "
-           f"| world size {world} | per step: {args.batch_size} questions = at most {args.batch_size} pairs "
-           f"({args.batch_size // world} per rank, micro-batches of {args.micro_batch_size}), responses of at most "
-           f"{args.max_new_tokens} tokens | beta {args.beta} | lr {args.lr} | {total_steps} steps")
-    print0(f"data: {len(rows)} questions from {args.dataset} ({data_stats})")
+    print0(f"ExP-DPO | chosen: {args.chosen} | "
+           f"{f'online, pairs rebuilt every {every} steps' if online else 'offline, pairs built once'} | world size "
+           f"{world} | per step: {args.batch_size} questions = at most {args.batch_size} pairs ({args.batch_size // world}"
+           f" per rank, micro-batches of {args.micro_batch_size}), responses of at most {args.max_new_tokens} tokens | "
+           f"beta {args.beta} | lr {args.lr} | {total_steps} steps")
     print0("reference: the initial model, " + ("a frozen copy" if online else "scored by the policy before step 1"))
 
-    try:
-        policy = load_model(args.model, device, args.gradient_checkpointing)
-        # offline pairs all come from the initial policy, so its own no-grad pass before training is the
-        # reference: no second copy of the model is needed
-        ref_model = load_model(args.model, device, trainable=False) if online else None
-    except LoadError as e:
-        raise SystemExit(f"expo_dpo.py: error: {e}")
-    mesh = device_mesh(device, hybrid=args.hybrid_shard)
-    model = shard_model(policy, device, mesh, bf16=args.bf16)
-    ref_model = shard_model(ref_model, device, mesh, trainable=False, bf16=args.bf16) if online else model
-    # foreach: one kernel per operation over all tensors, as AdamW picks by itself on GPU; on CPU its default
-    # goes tensor by tensor (3x slower for sharded parameters, the same result)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, foreach=True)
-    scheduler = cosine_schedule(optimizer, total_steps, args.warmup_ratio)
-    state = {"round": -1, "pairs_path": None, "pairs_until": 0, "rounds_built": 0, "skipped_steps": 0,
-             "empty_steps": 0, "bad_in_a_row": 0}
-    start_step, pairs = 0, None
-    if resume_from:
-        state.update(load_checkpoint(resume_from, model, optimizer, scheduler))
-        start_step = state.pop("step")
+    start_step = run.resume(
+        # rewards_chosen < 0 while the loss falls: the chosen response got LESS likely, the rejected one just fell
+        # faster (the "deceptively low loss", appendix C.3)
+        show=("loss", "reward_accuracy", "margin", "rewards_chosen", "rewards_rejected", "logps_chosen",
+              "pairs_in_step", "train_tok_s"),
+        state={"round": -1, "pairs_path": None, "pairs_until": 0, "rounds_built": 0, "empty_steps": 0})
+    state, pairs = run.state, None
+    if run.resume_from:
         # mid-round: train on the same pairs, unless they end here (a resume with a larger --max_steps)
-        if state["pairs_path"] and (not online or start_step % K) and state["pairs_until"] > start_step:
+        if state["pairs_path"] and (not online or start_step % every) and state["pairs_until"] > start_step:
             pairs = read_pairs(state["pairs_path"])
         if not online and total_steps > state["pairs_until"]:
             raise SystemExit(f"expo_dpo.py: error: the offline pairs were built by the initial policy for "
                              f"{state['pairs_until']} steps, and it is gone: resume with --max_steps {state['pairs_until']}")
-        print0(f"resumed from {resume_from} at step {start_step} (round {state['round']}, "
-               f"{'same pairs from ' + state['pairs_path'] if pairs is not None else 'new round next'})")
-    logger = MetricsLogger(args.output_dir, asdict(args), args.wandb_project,
-                           resume_step=start_step if args.resume else None,
-                           # rewards_chosen < 0 while the loss falls: the chosen response got LESS likely,
-                           # the rejected one just fell faster (the "deceptively low loss", appendix C.3)
-                           show=("loss", "reward_accuracy", "margin", "rewards_chosen", "rewards_rejected",
-                                 "logps_chosen", "pairs_in_step", "train_tok_s"))
+        print0(f"round {state['round']} at step {start_step}: "
+               f"{'same pairs from ' + state['pairs_path'] if pairs is not None else 'new round next'}")
 
     decoding = {"decoded_slots": 0, "useful_tokens": 0}  # of the round's sampling, for pad_waste
 
@@ -373,19 +348,19 @@ def main():
 
     for step in range(start_step + 1, total_steps + 1):
         metrics = {}
-        # ---- 1. pairs: built once (offline) or for the next K steps with the current policy (online)
-        if pairs is None or (online and (step - 1) % K == 0):
-            state["round"] = (step - 1) // K if online else 0
-            # the questions of the steps this round serves: the rest of its K (online; all K but after a resume
-            # with a larger --max_steps), or all the run has left (offline)
-            last = min(state["round"] * K + K, total_steps) if online else total_steps
+        # ---- 1. pairs: built once (offline) or for the next --regen_every steps with the current policy (online)
+        if pairs is None or (online and (step - 1) % every == 0):
+            state["round"] = (step - 1) // every if online else 0
+            # the questions of the steps this round serves: the rest of its --regen_every steps (online; all of them
+            # but after a resume with a larger --max_steps), or all the run has left (offline)
+            last = min((state["round"] + 1) * every, total_steps) if online else total_steps
             round_qids = list(dict.fromkeys(q for s in range(step, last + 1)
                                             for q in global_batch(qids, s, args.batch_size, args.seed)))
             with Timer() as t_build:
                 local_pairs, stats = build_pairs([(q, rows[q]) for q in round_qids[rank::world]], tokenizer, sampler,
                                                  args.chosen, args.num_generations, args.num_explanations,
                                                  args.rejected_truncated)
-                stats = all_reduce_dict({**stats, **decoding}, "sum")
+                stats = sum_over_ranks({**stats, **decoding})
                 decoding.update(decoded_slots=0, useful_tokens=0)
                 round_pairs = [p for part in gather_objects(local_pairs) for p in part]
                 score_reference(ref_model, tokenizer, round_pairs, rank, world, args.micro_batch_size, device)
@@ -395,17 +370,8 @@ def main():
             if rank == 0:
                 with open(state["pairs_path"], "w") as f:
                     f.writelines(json.dumps(p) + "\n" for p in round_pairs)
-            logger.log_samples(step, round_pairs[:4])
-            metrics.update({
-                "pairs_built": stats["built"], "pairs_skipped": stats["questions"] - stats["built"],
-                "pairs_skipped_all_correct": stats["all_correct"], "pairs_skipped_truncated": stats["truncated"],
-                "pairs_skipped_unverified": stats["unverified"], "pairs_skipped_no_solution": stats["no_solution"],
-                "cot_accuracy": stats["cot_correct"] / max(1, stats["questions"] * args.num_generations),
-                "build_seconds": t_build.seconds,
-                "pad_waste": 1 - stats["useful_tokens"] / max(stats["decoded_slots"], 1),
-            })
-            if stats["explained"]:
-                metrics["expl_verified"] = stats["explanations_verified"] / stats["explained"]
+            run.logger.log_samples(step, round_pairs[:4])
+            metrics.update(round_metrics(stats, args.num_generations, t_build.seconds))
             print0(f"round {state['round']}: {stats['built']:.0f} pairs from {stats['questions']:.0f} questions "
                    f"-> {state['pairs_path']}")
 
@@ -417,7 +383,7 @@ def main():
             if step_pairs:
                 sums, loss_sum, tokens = dpo_backward(model, tokenizer, step_pairs, args.beta, rank, world,
                                                       args.micro_batch_size, device)
-                sums = all_reduce_dict({**sums, "tokens": tokens}, "sum")
+                sums = sum_over_ranks({**sums, "tokens": tokens})
                 metrics["train_tok_s"] = sums.pop("tokens")
                 metrics.update({k: v / len(step_pairs) for k, v in sums.items()})
                 metrics.update(optimizer_step(model, optimizer, scheduler, math.isfinite(loss_sum),
@@ -429,12 +395,24 @@ def main():
         if step_pairs:
             metrics["train_tok_s"] /= t_train.seconds
         metrics.update({"empty_steps": state["empty_steps"], "step_seconds": t_train.seconds})
-        end_of_step(step, total_steps, metrics, args, model, tokenizer, optimizer, scheduler, logger, state,
-                    evaluate=lambda: evaluate_run(model, tokenizer, eval_rows, args))
+        run.end_step(step, metrics, evaluate=lambda: evaluate_run(model, tokenizer, run.eval_rows, args))
 
     print0(f"done: {total_steps} steps, model exported to {os.path.join(args.output_dir, 'hf')}")
-    cleanup_distributed()
+
+
+def round_metrics(stats: dict, num_generations: int, seconds: float) -> dict:
+    """What a round of pair building saw, over all ranks: pairs built and why questions gave none."""
+    metrics = {
+        "pairs_built": stats["built"], "pairs_skipped": stats["questions"] - stats["built"],
+        "pairs_skipped_all_correct": stats["all_correct"], "pairs_skipped_truncated": stats["truncated"],
+        "pairs_skipped_unverified": stats["unverified"], "pairs_skipped_no_solution": stats["no_solution"],
+        "cot_accuracy": stats["cot_correct"] / max(1, stats["questions"] * num_generations),
+        "build_seconds": seconds, "pad_waste": 1 - stats["useful_tokens"] / max(stats["decoded_slots"], 1),
+    }
+    if stats["explained"]:
+        metrics["expl_verified"] = stats["explanations_verified"] / stats["explained"]
+    return metrics
 
 
 if __name__ == "__main__":
-    main()
+    launch(main, "expo_dpo.py")

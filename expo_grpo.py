@@ -36,13 +36,12 @@ Commands
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Literal, Optional
 
@@ -50,12 +49,11 @@ import torch
 
 import toy  # noqa: F401  (registers --model tiny|toy and --dataset synthetic|addition)
 from eval import evaluate_run
-from common import (CACHE_DIR, STEP_CHECKERS, LoadError, MetricsLogger, Timer, all_reduce_dict, claim_output_dir,
-                    cleanup_distributed, cosine_schedule, device_mesh, end_of_step, explanation_prompt, gather_objects,
-                    global_batch, init_distributed, latest_checkpoint, load_checkpoint, load_model, load_run_data,
-                    load_tokenizer, make_batch, optimizer_step, parse_flags, print0, question_prompt, reject_bad_args,
-                    resolve_model_path, sample, score_answers, seed_everything, shard_model, text_lines,
-                    token_logprobs, verify_answer)
+from common import (STEP_CHECKERS, explanation_prompt, global_batch, question_prompt, score_answers, text_lines,
+                    verify_answer)
+from engine import (CACHE_DIR, Timer, gather_objects, make_batch, optimizer_step, print0, resolve_model_path, sample,
+                    sum_over_ranks, token_logprobs)
+from runs import latest_checkpoint, launch, parse_flags, reject_bad_args, start_run
 
 
 @dataclass
@@ -124,64 +122,8 @@ class Args:
             self.clip_eps_high = self.clip_eps
 
 
-def validate_args(args: Args, world_size: int) -> None:
-    """Reject impossible settings before anything is loaded, with one clear line."""
-    problems = [
-        (args.num_generations < 2, "--num_generations must be >= 2: a group of one has no advantage"),
-        (args.batch_size < 1 or args.batch_size % world_size,
-         f"--batch_size {args.batch_size} must be a positive multiple of the world size {world_size}"),
-        (args.micro_batch_size < 1 or args.gen_batch_size < 1, "--micro_batch_size and --gen_batch_size must be >= 1"),
-        (args.lr < 0 or args.weight_decay < 0, "--lr and --weight_decay must be >= 0"),
-        (args.beta < 0, "--beta must be >= 0"),
-        (args.clip_eps <= 0 or args.clip_eps_high <= 0, "--clip_eps and --clip_eps_high must be > 0"),
-        (args.sft_coef < 0, "--sft_coef must be >= 0"),
-        (args.num_iterations < 1, "--num_iterations must be >= 1"),
-        (args.temperature <= 0, "--temperature must be > 0: GRPO needs different samples in a group"),
-        (args.max_new_tokens < 1, "--max_new_tokens must be >= 1"),
-        (not 0 <= args.min_new_tokens <= args.max_new_tokens, "--min_new_tokens must be in [0, max_new_tokens]"),
-        (not 0 <= args.warmup_ratio < 1, "--warmup_ratio must be in [0, 1)"),
-        (args.max_grad_norm < 0, "--max_grad_norm must be >= 0"),
-        (args.max_steps < 0 or (args.max_steps == 0 and args.epochs < 1), "give --epochs >= 1 or --max_steps > 0"),
-        (min(args.save_every, args.probe_every, args.eval_every, args.eval_limit, args.limit) < 0,
-         "--save_every, --probe_every, --eval_every, --eval_limit and --limit must be >= 0"),
-        (min(args.save_total_limit, args.eval_num_samples, args.max_bad_steps) < 1,
-         "--save_total_limit, --eval_num_samples and --max_bad_steps must be >= 1"),
-        (args.explanations not in ("online", "offline") and not os.path.isfile(args.explanations),
-         f"--explanations must be online, offline or an existing JSONL file; {args.explanations!r} is none"),
-        (args.probe_answer_logprob and args.sft_source != "explanation",
-         "--probe_answer_logprob needs --sft_source explanation"),
-        ((args.explanation_check != "answer" or args.sft_anchor) and args.sft_source != "explanation",
-         "--explanation_check steps and --sft_anchor need --sft_source explanation"),
-        (args.explanation_check == "steps" and args.dataset not in STEP_CHECKERS,
-         f"--explanation_check steps: dataset {args.dataset!r} has no step checker (these have: "
-         f"{', '.join(STEP_CHECKERS)})"),
-        (args.eval_temperature < 0, "--eval_temperature must be >= 0"),
-        (args.resume and latest_checkpoint(args.output_dir) is None, f"--resume: no checkpoint in {args.output_dir}"),
-    ]
-    reject_bad_args(problems, args, "expo_grpo.py")
-
-
-def check_explanations_file(path: str, rows: list[dict]) -> int:
-    """How many of `rows` (the questions the run uses) an `--explanations` JSONL file explains, read before any
-    model is loaded. A record that is not a JSON object with string `question` and `explanation` (and, if any,
-    `completion_ids` a list of token ids) is a ValueError naming the file and line; so is a file that explains
-    none of the run's questions, which would silently make the run plain GRPO."""
-    explained = set()
-    for number, line in text_lines(path):
-        try:
-            record = json.loads(line)
-        except ValueError as e:
-            raise ValueError(f"{path} line {number}: not JSON ({e})") from None
-        if (not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("question", "explanation"))
-                or not isinstance(record.get("completion_ids", []), list)):
-            raise ValueError(f"{path} line {number}: a record must be a JSON object with string `question` and "
-                             "`explanation` fields (and `completion_ids` a list of token ids, if given)")
-        explained.add(record["question"])
-    covered = sum(r["question"] in explained for r in rows)
-    if not covered:
-        raise ValueError(f"{path} explains none of the run's {len(rows)} questions (its `question` fields must be the "
-                         f"data set's questions, exactly: the first of the run's is {rows[0]['question'][:60]!r})")
-    return covered
+# What a --resume may change beyond the flags every trainer may (runs.RESUMABLE): what is measured and logged
+RESUMABLE = frozenset({"log_samples", "probe_every", "probe_answer_logprob"})
 
 
 # ====================================================================================================
@@ -329,9 +271,9 @@ def train_on_rollouts(model, ref_model, optimizer, scheduler, rollouts: dict, ar
     model.train()  # whatever sampling or evaluation left: activation checkpointing recomputes only in training mode
     # Normalisers of the global batch (all ranks, all sequences), so the gradient does not depend on the split.
     lens, in_pg, in_sft = [len(c) for c in rollouts["completion_ids"]], rollouts["in_pg"], rollouts["in_sft"]
-    norm = all_reduce_dict({"seqs": sum(float(pg and n > 0) for n, pg in zip(lens, in_pg)),
+    norm = sum_over_ranks({"seqs": sum(float(pg and n > 0) for n, pg in zip(lens, in_pg)),
                             "tokens": sum(float(n * pg) for n, pg in zip(lens, in_pg)),
-                            "sft_tokens": sum(float(n * sft) for n, sft in zip(lens, in_sft))}, op="sum")
+                            "sft_tokens": sum(float(n * sft) for n, sft in zip(lens, in_sft))})
     # With beta = 0 a sequence with advantage 0 outside the SFT term adds exactly 0 to the loss and its gradient
     # (rho * 0): skip its passes, as most of them on hard questions. Every rank keeps as many sequences as the rank
     # with the most useful ones (the rest padded with skippable ones), so all run the same FSDP collectives.
@@ -370,7 +312,7 @@ def train_on_rollouts(model, ref_model, optimizer, scheduler, rollouts: dict, ar
             sums["entropy_tokens"] += float(mb["pg_mask"].sum())
             sums["train_tokens"] += float(mb["attention_mask"].sum())
         finite = math.isfinite(sums["policy_loss"] + sums["sft_loss"])
-        sums = all_reduce_dict(sums, op="sum")
+        sums = sum_over_ranks(sums)
         sums["entropy"] /= max(sums.pop("entropy_tokens"), 1.0)  # over the completion tokens passed through
         sums.update(optimizer_step(model, optimizer, scheduler, finite, args.max_grad_norm, state))
         history.append(sums)
@@ -429,20 +371,253 @@ def probe_positive_signal(model, encode, question_ids, rows, explanations, cot_t
         local[f"{kind}_logp"] = float(sums[part].sum())
         local[f"{kind}_tokens"] = float(lens[part].sum())
         local[f"{kind}_seqs"] = float((lens[part] > 0).sum())
-    tot = all_reduce_dict(local, op="sum")
+    total = sum_over_ranks(local)
     out = {}
     for kind in ("explanation", "expert"):
-        if kind in groups and tot[f"{kind}_tokens"] > 0:
-            out[f"nll_{kind}"] = -tot[f"{kind}_logp"] / tot[f"{kind}_tokens"]
+        if kind in groups and total[f"{kind}_tokens"] > 0:
+            out[f"nll_{kind}"] = -total[f"{kind}_logp"] / total[f"{kind}_tokens"]
     for kind, name in (("answer_expl", "answer_logp_after_explanation"), ("answer_cot", "answer_logp_after_cot")):
-        if kind in groups and tot[f"{kind}_seqs"] > 0:
-            out[name] = tot[f"{kind}_logp"] / tot[f"{kind}_seqs"]
+        if kind in groups and total[f"{kind}_seqs"] > 0:
+            out[name] = total[f"{kind}_logp"] / total[f"{kind}_seqs"]
     return out
 
 
 # ====================================================================================================
-# PLUMBING: the explanation cache, evaluation, the loop. Leave these alone for an ablation.
+# The loop: one numbered step per iteration
 # ====================================================================================================
+
+
+def main():
+    args = parse_flags(Args, "expo_grpo.py")
+    validate_args(args, int(os.environ.get("WORLD_SIZE", 1)))
+    explanations_file = args.sft_source == "explanation" and args.explanations not in ("online", "offline")
+    run = start_run(args, "expo_grpo.py", resumable=RESUMABLE, default_levels="5",
+                    with_answer=args.sft_source == "explanation", reference=args.beta > 0,
+                    updates_per_step=args.num_iterations,
+                    check_data=(lambda used: check_explanations_file(args.explanations, used)) if explanations_file else None)
+    model, ref_model, tokenizer, optimizer, scheduler = run.model, run.ref_model, run.tokenizer, run.optimizer, run.scheduler
+    rank, world_size = run.info.rank, run.info.world_size
+    G = args.num_generations
+    nq = args.batch_size // world_size  # questions per rank
+    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    encode = lru_cache(maxsize=None)(lambda text: tuple(tokenizer(text, add_special_tokens=False)["input_ids"]))
+    print0(banner(args, run))
+
+    # offline explanations: by the initial policy (so before a resumed run loads its checkpoint), for the questions
+    # this run will see
+    explanation_bank = None  # question -> explanation record, when not sampled online
+    if args.sft_source == "explanation" and args.explanations != "online":
+        if args.explanations == "offline":
+            explanation_bank, how = offline_explanations(model, tokenizer, run.used, args)
+        else:
+            explanation_bank, how = read_explanations(args.explanations, tokenizer), f"from {args.explanations}"
+        print0(f"offline explanations for {len(run.used)} questions: {how}")
+    online = args.sft_source == "explanation" and explanation_bank is None
+    start_step = run.resume(show=("reward", "solved", "zero_spread", "expl_verified", "sft_used", "sft_loss", "kl",
+                                  "grad_norm", "lr", "sample_tok_s", "train_tok_s"))
+
+    for step in range(start_step + 1, run.total_steps + 1):
+        step_start = time.perf_counter()
+        batch = global_batch(run.rows, step, args.batch_size, args.seed)[rank::world_size]
+
+        with Timer() as t_sample:
+            # ---- 1. prompts: the question for G completions; online, the explanation prompt too (one rollout)
+            prompts = [question_prompt(tokenizer, r["question"]) for r in batch]
+            prompts += [explanation_prompt(tokenizer, r["question"], r["answer"]) for r in batch] if online else []
+            # ---- 2. sample
+            out = sample(model, tokenizer, prompts, n=[G] * nq + [1] * (len(prompts) - nq),
+                         max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                         micro_batch_size=args.gen_batch_size, min_new_tokens=args.min_new_tokens)
+            decoding = out.pop("stats")  # decoded token slots and useful tokens (pad_waste)
+            explanation_out = {k: v[nq * G :] for k, v in out.items()}
+            out = {k: v[: nq * G] for k, v in out.items()}
+            # ---- 3. reward and advantages
+            scores, verify_stats = score_answers(out["texts"], [batch[j // G]["answer"] for j in range(nq * G)])
+            rewards = torch.tensor(scores)  # (nq*G,)
+            advantages = group_advantages(rewards, G, scale_by_std=args.scale_rewards == "group")  # (nq*G,)
+            solved = rewards.view(nq, G).amax(dim=1) > 0  # (nq,)
+            question_ids = [out["prompt_ids"][i * G] for i in range(nq)]
+            # ---- 4. a self-explanation per question, c~ ~ pi(. | q, a*), kept only if it reaches a*
+            explanations = None
+            if args.sft_source == "explanation":
+                explanations = (explanation_records(batch, explanation_out) if online
+                                else [explanation_bank.get(r["question"]) for r in batch])
+                for e, row in zip(explanations, batch):
+                    if e is not None and e["verified"] is None:
+                        e["verified"] = check_explanation(e["explanation"], row, args)
+
+        # ---- 5. the positive sample of each question, trained as an answer to the QUESTION prompt
+        positives = []  # token ids of (c~, a*) or of the expert solution; None when the question gets no SFT term
+        for i, row in enumerate(batch):
+            ids = None
+            if args.sft_on == "all" or not solved[i]:
+                if args.sft_source == "expert" and row.get("solution"):
+                    ids = list(encode(row["solution"])) + [eos_id]
+                elif args.sft_source == "explanation" and explanations[i] and explanations[i]["verified"]:
+                    ids = explanations[i]["completion_ids"]
+            positives.append(ids)
+        rollouts = {"prompt_ids": list(out["prompt_ids"]), "completion_ids": list(out["completion_ids"]),
+                    "advantages": advantages.tolist(), "in_sft": [False] * nq * G,
+                    "in_pg": [ended or not args.mask_truncated for ended in out["eos"]]}
+        # each positive sample once per prompt it is trained under, a sequence for every question (empty when it
+        # has none) so that every rank runs the same number of micro-batches: the question prompt, and with
+        # --sft_anchor also the explanation prompt it was sampled from
+        positive_prompts = [question_ids] if args.sft_source != "none" else []
+        if args.sft_anchor:
+            positive_prompts.append([list(encode(explanation_prompt(tokenizer, r["question"], r["answer"])))
+                                     for r in batch])
+        for prompt_ids in positive_prompts:
+            rollouts["prompt_ids"] += prompt_ids
+            rollouts["completion_ids"] += [ids or [] for ids in positives]
+            rollouts["advantages"] += [0.0] * nq
+            rollouts["in_pg"] += [False] * nq
+            rollouts["in_sft"] += [ids is not None for ids in positives]
+
+        # ---- 6. the paper's two properties, on the policy that sampled this batch
+        probe = {}
+        if args.probe_every and step % args.probe_every == 0:
+            probe = probe_positive_signal(model, encode, question_ids, batch, explanations,
+                                          [out["texts"][i * G] for i in range(nq)], args, eos_id, pad_id)
+
+        # ---- 7. optimise loss = grpo_loss + sft_coef * sft_loss, num_iterations updates
+        lr = scheduler.get_last_lr()[0]
+        with Timer() as t_train:
+            train = train_on_rollouts(model, ref_model, optimizer, scheduler, rollouts, args, pad_id, run.state)
+
+        metrics = step_metrics(out, rewards, solved, explanations, positives, train, decoding, verify_stats, online,
+                               t_sample.seconds, t_train.seconds, world_size)
+        metrics.update(lr=lr, step_seconds=time.perf_counter() - step_start, **probe)
+        run.logger.log_samples(step, [
+            {"question": batch[i]["question"], "answer": batch[i]["answer"], "completion": out["texts"][i * G],
+             "reward": float(rewards[i * G]), **({"explanation": explanations[i] and explanations[i]["explanation"],
+                                                  "explanation_verified": explanations[i] and explanations[i]["verified"]}
+                                                 if explanations else {})} for i in range(min(args.log_samples, nq))])
+        run.end_step(step, metrics, evaluate=lambda: evaluate_run(model, tokenizer, run.eval_rows, args))
+
+    print0(f"done: {run.total_steps} steps, {run.state['skipped_steps']} optimizer updates skipped (non-finite), "
+           f"model in {os.path.join(args.output_dir, 'hf')}")
+
+
+# ====================================================================================================
+# PLUMBING only this trainer has: its banner and metrics, its flag checks, the explanation cache.
+# ====================================================================================================
+
+
+def banner(args: Args, run) -> str:
+    """What the run will do, before it does it."""
+    source = (f"{args.explanations}, which explains {run.checked} of the run's {len(run.used)} questions"
+              if run.checked is not None else args.explanations)
+    positive = {"explanation": f"self-explanations ({source}, check: {args.explanation_check})",
+                "expert": "the dataset's solutions", "none": "none"}[args.sft_source]
+    world_size = run.info.world_size
+    return (f"ExP-GRPO | world size {world_size} | per step: {args.batch_size} questions ({args.batch_size // world_size}"
+            f" per rank) x G {args.num_generations} = {args.batch_size * args.num_generations} completions of at most "
+            f"{args.max_new_tokens} tokens | positive samples: {positive}, lambda {args.sft_coef} | "
+            f"{args.num_iterations} update(s) per batch, micro-batches of {args.micro_batch_size} | beta {args.beta}"
+            f"{' (no reference model)' if args.beta == 0 else ''} | loss {args.loss_agg} | {run.total_steps} steps "
+            f"({run.steps_per_epoch} per epoch)")
+
+
+def step_metrics(out, rewards, solved, explanations, positives, train, decoding, verify_stats, online: bool,
+                 sample_seconds: float, train_seconds: float, world_size: int) -> dict:
+    """The step's figures over the global batch (the same on every rank): what was sampled and rewarded, which
+    positive samples were used, the losses, and the speed of sampling and training."""
+    nq, G = len(solved), len(rewards) // len(solved)
+    completion_tokens = sum(len(c) for c in out["completion_ids"])
+    explanation_tokens = sum(len(e["completion_ids"]) for e in explanations if e) if explanations else 0
+    total = sum_over_ranks({
+        "reward": float(rewards.sum()), "completions": float(nq * G), "questions": float(nq),
+        "zero_spread": float((rewards.view(nq, G).std(dim=1) == 0).sum()), "solved": float(solved.sum()),
+        "truncated": float(sum(not ended for ended in out["eos"])), "completion_tokens": float(completion_tokens),
+        "expl_sampled": float(sum(e is not None for e in explanations or [])),
+        "expl_verified": float(sum(bool(e and e["verified"]) for e in explanations or [])),
+        "explanation_tokens": float(explanation_tokens),
+        "sft_used": float(sum(ids is not None for ids in positives)),
+        "positive_tokens": float(sum(len(ids) for ids in positives if ids is not None)),
+        "gen_tokens": float(completion_tokens + (explanation_tokens if online else 0)),
+        "sample_seconds": sample_seconds, "train_seconds": train_seconds, **verify_stats,
+        "decoded_slots": float(decoding["decoded_slots"]), "useful_tokens": float(decoding["useful_tokens"]),
+    })
+    metrics = {
+        "reward": total["reward"] / total["completions"],
+        "zero_spread": total["zero_spread"] / total["questions"],  # groups with equal rewards: no GRPO signal
+        "solved": total["solved"] / total["questions"],  # questions with at least one correct sample
+        "sft_used": total["sft_used"] / total["questions"],  # questions with a positive sample in the SFT term
+        **{k: train[k] for k in ("policy_loss", "sft_loss", "kl", "clip_frac", "entropy", "grad_norm")},
+        "completion_len": total["completion_tokens"] / total["completions"],
+        "truncated": total["truncated"] / total["completions"],
+        "pad_waste": 1 - total["useful_tokens"] / max(total["decoded_slots"], 1),  # decoded slots of ended rows
+        "sample_tok_s": total["gen_tokens"] / (total["sample_seconds"] / world_size),
+        "train_tok_s": train["train_tokens"] / (total["train_seconds"] / world_size),
+        **{k: total[k] for k in verify_stats},
+    }
+    if total["expl_sampled"]:
+        metrics["expl_verified"] = total["expl_verified"] / total["expl_sampled"]
+        metrics["explanation_len"] = total["explanation_tokens"] / total["expl_sampled"]
+    if total["sft_used"]:
+        metrics["positive_len"] = total["positive_tokens"] / total["sft_used"]
+    return metrics
+
+
+def validate_args(args: Args, world_size: int) -> None:
+    """Reject impossible settings before anything is loaded, with one clear line."""
+    problems = [
+        (args.num_generations < 2, "--num_generations must be >= 2: a group of one has no advantage"),
+        (args.batch_size < 1 or args.batch_size % world_size,
+         f"--batch_size {args.batch_size} must be a positive multiple of the world size {world_size}"),
+        (args.micro_batch_size < 1 or args.gen_batch_size < 1, "--micro_batch_size and --gen_batch_size must be >= 1"),
+        (args.lr < 0 or args.weight_decay < 0, "--lr and --weight_decay must be >= 0"),
+        (args.beta < 0, "--beta must be >= 0"),
+        (args.clip_eps <= 0 or args.clip_eps_high <= 0, "--clip_eps and --clip_eps_high must be > 0"),
+        (args.sft_coef < 0, "--sft_coef must be >= 0"),
+        (args.num_iterations < 1, "--num_iterations must be >= 1"),
+        (args.temperature <= 0, "--temperature must be > 0: GRPO needs different samples in a group"),
+        (args.max_new_tokens < 1, "--max_new_tokens must be >= 1"),
+        (not 0 <= args.min_new_tokens <= args.max_new_tokens, "--min_new_tokens must be in [0, max_new_tokens]"),
+        (not 0 <= args.warmup_ratio < 1, "--warmup_ratio must be in [0, 1)"),
+        (args.max_grad_norm < 0, "--max_grad_norm must be >= 0"),
+        (args.max_steps < 0 or (args.max_steps == 0 and args.epochs < 1), "give --epochs >= 1 or --max_steps > 0"),
+        (min(args.save_every, args.probe_every, args.eval_every, args.eval_limit, args.limit) < 0,
+         "--save_every, --probe_every, --eval_every, --eval_limit and --limit must be >= 0"),
+        (min(args.save_total_limit, args.eval_num_samples, args.max_bad_steps) < 1,
+         "--save_total_limit, --eval_num_samples and --max_bad_steps must be >= 1"),
+        (args.explanations not in ("online", "offline") and not os.path.isfile(args.explanations),
+         f"--explanations must be online, offline or an existing JSONL file; {args.explanations!r} is none"),
+        (args.probe_answer_logprob and args.sft_source != "explanation",
+         "--probe_answer_logprob needs --sft_source explanation"),
+        ((args.explanation_check != "answer" or args.sft_anchor) and args.sft_source != "explanation",
+         "--explanation_check steps and --sft_anchor need --sft_source explanation"),
+        (args.explanation_check == "steps" and args.dataset not in STEP_CHECKERS,
+         f"--explanation_check steps: dataset {args.dataset!r} has no step checker (these have: "
+         f"{', '.join(STEP_CHECKERS)})"),
+        (args.eval_temperature < 0, "--eval_temperature must be >= 0"),
+        (args.resume and latest_checkpoint(args.output_dir) is None, f"--resume: no checkpoint in {args.output_dir}"),
+    ]
+    reject_bad_args(problems, "expo_grpo.py", args.model, [args.dataset, args.eval_every and args.eval_dataset],
+                    args.output_dir)
+
+
+def check_explanations_file(path: str, rows: list[dict]) -> int:
+    """How many of `rows` (the questions the run uses) an `--explanations` JSONL file explains, read before any
+    model is loaded. A record that is not a JSON object with string `question` and `explanation` (and, if any,
+    `completion_ids` a list of token ids) is a ValueError naming the file and line; so is a file that explains
+    none of the run's questions, which would silently make the run plain GRPO."""
+    explained = set()
+    for number, line in text_lines(path):
+        try:
+            record = json.loads(line)
+        except ValueError as e:
+            raise ValueError(f"{path} line {number}: not JSON ({e})") from None
+        if (not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("question", "explanation"))
+                or not isinstance(record.get("completion_ids", []), list)):
+            raise ValueError(f"{path} line {number}: a record must be a JSON object with string `question` and "
+                             "`explanation` fields (and `completion_ids` a list of token ids, if given)")
+        explained.add(record["question"])
+    covered = sum(r["question"] in explained for r in rows)
+    if not covered:
+        raise ValueError(f"{path} explains none of the run's {len(rows)} questions (its `question` fields must be the "
+                         f"data set's questions, exactly: the first of the run's is {rows[0]['question'][:60]!r})")
+    return covered
 
 
 def explanation_cache_path(args: Args, tokenizer) -> str:
@@ -467,11 +642,11 @@ def read_explanations(path: str, tokenizer) -> dict[str, dict]:
         records = [json.loads(line) for line in f if line.strip()]
     texts = [r for r in records if "completion_ids" not in r]
     ids = iter(tokenizer([r["explanation"] for r in texts], add_special_tokens=False)["input_ids"] if texts else [])
-    bank = {}
+    explanations = {}
     for r in records:
         ids_r = r["completion_ids"] if "completion_ids" in r else next(ids) + [tokenizer.eos_token_id]
-        bank.setdefault(r["question"], {**r, "completion_ids": ids_r, "verified": r.get("verified")})
-    return bank
+        explanations.setdefault(r["question"], {**r, "completion_ids": ids_r, "verified": r.get("verified")})
+    return explanations
 
 
 def offline_explanations(model, tokenizer, rows: list[dict], args: Args) -> tuple[dict, str]:
@@ -484,15 +659,17 @@ def offline_explanations(model, tokenizer, rows: list[dict], args: Args) -> tupl
     in, on the number of ranks or on where the model lies; every arm and seed trains on the same explanation.
     The run's own random state is left alone. Returns {question: record} and a line saying what happened.
     """
+    from filelock import FileLock
+
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     path = explanation_cache_path(args, tokenizer)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    lock = open(path + ".lock", "w") if rank == 0 else None
+    lock = FileLock(path + ".lock") if rank == 0 else None
     if lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        lock.acquire()
     gather_objects(None)  # the other ranks wait for the lock too
-    bank = read_explanations(path, tokenizer) if os.path.exists(path) else {}
-    missing = list({r["question"]: r for r in rows if r["question"] not in bank}.values())
+    cached = read_explanations(path, tokenizer) if os.path.exists(path) else {}
+    missing = list({r["question"]: r for r in rows if r["question"] not in cached}.values())
     mine = missing[rank::world]
     seeds = [int.from_bytes(hashlib.sha256(r["question"].encode()).digest()[:8], "little") for r in mine]
     out = sample(model, tokenizer, [explanation_prompt(tokenizer, r["question"], r["answer"]) for r in mine],
@@ -502,197 +679,10 @@ def offline_explanations(model, tokenizer, rows: list[dict], args: Args) -> tupl
     if rank == 0:
         with open(path, "a") as f:
             f.writelines(json.dumps({k: v for k, v in rec.items() if k != "verified"}) + "\n" for rec in new)
-        fcntl.flock(lock, fcntl.LOCK_UN)
-        lock.close()
-    bank.update({rec["question"]: rec for rec in new})
-    return bank, f"{len(rows) - len(missing)} cached, {len(missing)} sampled now -> {path}"
-
-
-def main():
-    args = parse_flags(Args, "expo_grpo.py")
-    validate_args(args, int(os.environ.get("WORLD_SIZE", 1)))
-    explanation_file = args.sft_source == "explanation" and args.explanations not in ("online", "offline")
-    try:  # the tokenizer, the data and an explanations file before any model: each fails in seconds, with one line
-        tokenizer = load_tokenizer(args.model)
-        rows, eval_rows, data_stats = load_run_data(args, tokenizer, default_levels="5",
-                                                    with_answer=args.sft_source == "explanation")
-        steps_per_epoch = len(rows) // args.batch_size
-        total_steps = args.max_steps or args.epochs * steps_per_epoch
-        # the questions the run's steps take: the offline explanations are those of these questions
-        used = rows if total_steps >= steps_per_epoch else [
-            r for s in range(1, total_steps + 1) for r in global_batch(rows, s, args.batch_size, args.seed)]
-        explained = check_explanations_file(args.explanations, used) if explanation_file else None
-    except (ValueError, OSError) as e:
-        raise SystemExit(f"expo_grpo.py: error: {e}")
-    info = init_distributed()
-    resume_from = claim_output_dir(args, "expo_grpo.py", rows)  # the folder is this run's, or the run it resumes
-    rank, world_size, device = info.rank, info.world_size, info.device
-    seed_everything(args.seed, rank)
-
-    # ---- derived sizes, in one place, and the plan (steps_per_epoch, total_steps and used: with the data above)
-    G = args.num_generations
-    nq = args.batch_size // world_size  # questions per rank
-    has_positive = args.sft_source != "none"
-    source = (f"{args.explanations}, which explains {explained} of the run's {len(used)} questions"
-              if explanation_file else args.explanations)
-    positive = {"explanation": f"self-explanations ({source}, check: {args.explanation_check})",
-                "expert": "the dataset's solutions", "none": "none"}[args.sft_source]
-    print0(f"ExP-GRPO | world size {world_size} | per step: {args.batch_size} questions ({nq} per rank) x G {G} = "
-           f"{args.batch_size * G} completions of at most {args.max_new_tokens} tokens | positive samples: {positive}, "
-           f"lambda {args.sft_coef} | {args.num_iterations} update(s) per batch, micro-batches of "
-           f"{args.micro_batch_size} | beta {args.beta}{' (no reference model)' if args.beta == 0 else ''} | loss "
-           f"{args.loss_agg} | {total_steps} steps ({steps_per_epoch} per epoch)")
-    print0(f"data: {len(rows)} questions from {args.dataset} ({data_stats})")  # rows skipped, and why
-
-    # ---- models, optimizer, schedule, resume
-    try:
-        policy = load_model(args.model, device, args.gradient_checkpointing)
-        ref_model = load_model(args.model, device, trainable=False) if args.beta > 0 else None
-    except LoadError as e:
-        raise SystemExit(f"expo_grpo.py: error: {e}")
-    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
-    encode = lru_cache(maxsize=None)(lambda text: tuple(tokenizer(text, add_special_tokens=False)["input_ids"]))
-    mesh = device_mesh(device, hybrid=args.hybrid_shard)
-    model = shard_model(policy, device, mesh, bf16=args.bf16)
-    ref_model = shard_model(ref_model, device, mesh, trainable=False, bf16=args.bf16) if ref_model is not None else None
-    # foreach: one kernel per operation over all tensors, as AdamW picks by itself on GPU; on CPU its default
-    # goes tensor by tensor (3x slower for sharded parameters, the same result)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, foreach=True)
-    scheduler = cosine_schedule(optimizer, total_steps * args.num_iterations, args.warmup_ratio)
-    # ---- offline explanations: by the initial policy (so before a resumed run loads its checkpoint), for the
-    # questions this run will see
-    bank = None  # question -> explanation record, when not sampled online
-    if args.sft_source == "explanation" and args.explanations != "online":
-        if args.explanations == "offline":
-            bank, how = offline_explanations(model, tokenizer, used, args)
-        else:
-            bank, how = read_explanations(args.explanations, tokenizer), f"from {args.explanations}"
-        print0(f"offline explanations for {len(used)} questions: {how}")
-
-    start_step, state = 0, {"skipped_steps": 0, "bad_in_a_row": 0}
-    if resume_from:
-        state.update(load_checkpoint(resume_from, model, optimizer, scheduler))
-        start_step = state.pop("step")
-        print0(f"resumed from step {start_step}")
-    logger = MetricsLogger(args.output_dir, config=asdict(args), wandb_project=args.wandb_project,
-                           resume_step=start_step if args.resume else None,
-                           show=("reward", "solved", "zero_spread", "expl_verified", "sft_used", "sft_loss", "kl",
-                                 "grad_norm", "lr", "sample_tok_s", "train_tok_s"))
-
-    for step in range(start_step + 1, total_steps + 1):
-        step_start = time.perf_counter()
-        batch = global_batch(rows, step, args.batch_size, args.seed)[rank::world_size]
-
-        with Timer() as t_sample:
-            # ---- 1. prompts: the question for G completions; online, the explanation prompt too (one rollout)
-            online = args.sft_source == "explanation" and bank is None
-            prompts = [question_prompt(tokenizer, r["question"]) for r in batch]
-            prompts += [explanation_prompt(tokenizer, r["question"], r["answer"]) for r in batch] if online else []
-            # ---- 2. sample
-            out = sample(model, tokenizer, prompts, n=[G] * nq + [1] * (len(prompts) - nq),
-                         max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                         micro_batch_size=args.gen_batch_size, min_new_tokens=args.min_new_tokens)
-            decoding = out.pop("stats")  # decoded token slots and useful tokens (pad_waste)
-            explanation_out = {k: v[nq * G :] for k, v in out.items()}
-            out = {k: v[: nq * G] for k, v in out.items()}
-            # ---- 3. reward and advantages
-            scores, verify_stats = score_answers(out["texts"], [batch[j // G]["answer"] for j in range(nq * G)])
-            rewards = torch.tensor(scores)  # (nq*G,)
-            advantages = group_advantages(rewards, G, scale_by_std=args.scale_rewards == "group")  # (nq*G,)
-            solved = rewards.view(nq, G).amax(dim=1) > 0  # (nq,)
-            question_ids = [out["prompt_ids"][i * G] for i in range(nq)]
-            # ---- 4. a self-explanation per question, c~ ~ pi(. | q, a*), kept only if it reaches a*
-            explanations = None
-            if args.sft_source == "explanation":
-                explanations = (explanation_records(batch, explanation_out) if online
-                                else [bank.get(r["question"]) for r in batch])
-                for e, row in zip(explanations, batch):
-                    if e is not None and e["verified"] is None:
-                        e["verified"] = check_explanation(e["explanation"], row, args)
-
-        # ---- 5. the positive sample of each question, trained as an answer to the QUESTION prompt
-        positives = []  # token ids of (c~, a*) or of the expert solution; None when the question gets no SFT term
-        for i, row in enumerate(batch):
-            ids = None
-            if args.sft_on == "all" or not solved[i]:
-                if args.sft_source == "expert" and row.get("solution"):
-                    ids = list(encode(row["solution"])) + [eos_id]
-                elif args.sft_source == "explanation" and explanations[i] and explanations[i]["verified"]:
-                    ids = explanations[i]["completion_ids"]
-            positives.append(ids)
-        rollouts = {"prompt_ids": list(out["prompt_ids"]), "completion_ids": list(out["completion_ids"]),
-                    "advantages": advantages.tolist(), "in_sft": [False] * nq * G,
-                    "in_pg": [ended or not args.mask_truncated for ended in out["eos"]]}
-        # one slot per question, empty when unused, so every rank runs the same number of micro-batches;
-        # --sft_anchor adds a second: the same explanation under the explanation prompt it was sampled from
-        slots = [question_ids] if has_positive else []
-        if args.sft_anchor:
-            slots.append([list(encode(explanation_prompt(tokenizer, r["question"], r["answer"]))) for r in batch])
-        for prompt_ids in slots:
-            rollouts["prompt_ids"] += prompt_ids
-            rollouts["completion_ids"] += [ids or [] for ids in positives]
-            rollouts["advantages"] += [0.0] * nq
-            rollouts["in_pg"] += [False] * nq
-            rollouts["in_sft"] += [ids is not None for ids in positives]
-
-        # ---- 6. the paper's two properties, on the policy that sampled this batch
-        probe = {}
-        if args.probe_every and step % args.probe_every == 0:
-            probe = probe_positive_signal(model, encode, question_ids, batch, explanations,
-                                          [out["texts"][i * G] for i in range(nq)], args, eos_id, pad_id)
-
-        # ---- 7. optimise loss = grpo_loss + sft_coef * sft_loss, num_iterations updates
-        lr = scheduler.get_last_lr()[0]
-        with Timer() as t_train:
-            train = train_on_rollouts(model, ref_model, optimizer, scheduler, rollouts, args, pad_id, state)
-
-        # ---- metrics of the global batch
-        completion_tokens = sum(len(c) for c in out["completion_ids"])
-        explanation_tokens = sum(len(e["completion_ids"]) for e in explanations if e) if explanations else 0
-        tot = all_reduce_dict({
-            "reward": float(rewards.sum()), "completions": float(nq * G), "questions": float(nq),
-            "zero_spread": float((rewards.view(nq, G).std(dim=1) == 0).sum()), "solved": float(solved.sum()),
-            "truncated": float(sum(not ended for ended in out["eos"])), "completion_tokens": float(completion_tokens),
-            "expl_sampled": float(sum(e is not None for e in explanations or [])),
-            "expl_verified": float(sum(bool(e and e["verified"]) for e in explanations or [])),
-            "explanation_tokens": float(explanation_tokens),
-            "sft_used": float(sum(ids is not None for ids in positives)),
-            "positive_tokens": float(sum(len(ids) for ids in positives if ids is not None)),
-            "gen_tokens": float(completion_tokens + (explanation_tokens if online else 0)),
-            "sample_seconds": t_sample.seconds, "train_seconds": t_train.seconds, **verify_stats,
-            "decoded_slots": float(decoding["decoded_slots"]), "useful_tokens": float(decoding["useful_tokens"]),
-        }, op="sum")
-        metrics = {
-            "reward": tot["reward"] / tot["completions"],
-            "zero_spread": tot["zero_spread"] / tot["questions"],  # groups with equal rewards: no GRPO signal
-            "solved": tot["solved"] / tot["questions"],  # questions with at least one correct sample
-            "sft_used": tot["sft_used"] / tot["questions"],  # questions with a positive sample in the SFT term
-            **{k: train[k] for k in ("policy_loss", "sft_loss", "kl", "clip_frac", "entropy", "grad_norm")}, "lr": lr,
-            "completion_len": tot["completion_tokens"] / tot["completions"],
-            "truncated": tot["truncated"] / tot["completions"],
-            "pad_waste": 1 - tot["useful_tokens"] / max(tot["decoded_slots"], 1),  # decoded slots of ended rows
-            "sample_tok_s": tot["gen_tokens"] / (tot["sample_seconds"] / world_size),
-            "train_tok_s": train["train_tokens"] / (tot["train_seconds"] / world_size),
-            "step_seconds": time.perf_counter() - step_start, **{k: tot[k] for k in verify_stats}, **probe,
-        }
-        if tot["expl_sampled"]:
-            metrics["expl_verified"] = tot["expl_verified"] / tot["expl_sampled"]
-            metrics["explanation_len"] = tot["explanation_tokens"] / tot["expl_sampled"]
-        if tot["sft_used"]:
-            metrics["positive_len"] = tot["positive_tokens"] / tot["sft_used"]
-        logger.log_samples(step, [
-            {"question": batch[i]["question"], "answer": batch[i]["answer"], "completion": out["texts"][i * G],
-             "reward": float(rewards[i * G]), "explanation": explanations[i] and explanations[i]["explanation"],
-             "explanation_verified": explanations[i] and explanations[i]["verified"]} if explanations else
-            {"question": batch[i]["question"], "answer": batch[i]["answer"], "completion": out["texts"][i * G],
-             "reward": float(rewards[i * G])} for i in range(min(args.log_samples, nq))])
-        end_of_step(step, total_steps, metrics, args, model, tokenizer, optimizer, scheduler, logger, state,
-                    evaluate=lambda: evaluate_run(model, tokenizer, eval_rows, args))
-
-    print0(f"done: {total_steps} steps, {state['skipped_steps']} optimizer updates skipped (non-finite), "
-           f"model in {os.path.join(args.output_dir, 'hf')}")
-    cleanup_distributed()
+        lock.release()
+    cached.update({rec["question"]: rec for rec in new})
+    return cached, f"{len(rows) - len(missing)} cached, {len(missing)} sampled now -> {path}"
 
 
 if __name__ == "__main__":
-    main()
+    launch(main, "expo_grpo.py")

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (CACHE_DIR, EXPLAIN_SENTENCE, SYSTEM_PROMPT, cosine_schedule, explanation_prompt, extract_boxed,
-                    make_batch, question_prompt, register_dataset, register_model, sample)
+from common import EXPLAIN_SENTENCE, SYSTEM_PROMPT, explanation_prompt, extract_boxed, question_prompt, register_dataset
+from engine import CACHE_DIR, cosine_schedule, make_batch, register_model, sample
 
 # ----------------------------------------------------------------------------------------------------
 # The tiny model and the synthetic task (smoke runs, tests)

@@ -1,7 +1,7 @@
 """Benchmark 4: per-rank peak memory of an ExP-GRPO training step under FSDP2, 2 ranks against 1 rank.
 
 A random Qwen2 of ~100M parameters (hidden 768, 12 layers, vocab 32k), so parameters, gradients and AdamW's two
-moments (16 bytes a parameter in fp32) dominate. Each rank builds the model, shards it (`common.shard_model`),
+moments (16 bytes a parameter in fp32) dominate. Each rank builds the model, shards it (`engine.shard_model`),
 frees what it no longer holds, then runs `--steps` calls of `expo_grpo.train_on_rollouts` (forward, backward,
 AdamW step; beta 0, so no reference model; gradient checkpointing on) on its own 4 sequences of 32 + 96 tokens.
 Reported: the peak RSS during the steps minus the RSS the process had before the model existed, with glibc
@@ -25,11 +25,12 @@ def worker(a) -> None:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    import common
+
+    import engine
     import expo_grpo
 
     torch.set_num_threads(1)
-    info = common.init_distributed()
+    info = engine.init_distributed()
     start = rss_mb()
     torch.manual_seed(0)
     config = Qwen2Config(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
@@ -38,9 +39,9 @@ def worker(a) -> None:
     model = Qwen2ForCausalLM(config)
     n_params = sum(p.numel() for p in model.parameters())
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = common.shard_model(model, info.device)
+    model = engine.shard_model(model, info.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    scheduler = common.cosine_schedule(optimizer, a.steps, 0.0)
+    scheduler = engine.cosine_schedule(optimizer, a.steps, 0.0)
     args = expo_grpo.Args(model="bench", beta=0.0, micro_batch_size=4, max_new_tokens=96, sft_source="none")
     g = torch.Generator().manual_seed(info.rank)
     rollouts = {"prompt_ids": torch.randint(3, 32000, (4, 32), generator=g).tolist(),
@@ -50,10 +51,10 @@ def worker(a) -> None:
     for _ in range(a.steps):
         expo_grpo.train_on_rollouts(model, None, optimizer, scheduler, rollouts, args, pad_id=0)
     result = {"peak_above_start": peak_rss_mb() - start, "before_steps": base - start, "params": n_params}
-    results = common.gather_objects(result)
+    results = engine.gather_objects(result)
     if info.is_main:
         print("RESULT", json.dumps({k: max(r[k] for r in results) for k in result}))
-    common.cleanup_distributed()
+    engine.close_distributed()
 
 
 def launch(a, nproc: int) -> dict:

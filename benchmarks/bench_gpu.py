@@ -3,8 +3,8 @@ tokens/s, training tokens/s, model FLOPs utilisation, and each phase's peak memo
 
 Random weights in Qwen2.5-3B-Instruct's shape (hidden 2048, 36 layers, MLP 11008, 16 heads, 2 KV heads,
 vocabulary 151,936, tied embeddings: 3.09B parameters; nothing is downloaded), fp32 master weights sharded by
-`common.shard_model` (bf16 compute on GPU), flash-attention 2 if installed, else sdpa; the reference model with
-beta 0.04; activation checkpointing. A step is what expo_grpo.py does per rank: `common.sample` of
+`engine.shard_model` (bf16 compute on GPU), flash-attention 2 if installed, else sdpa; the reference model with
+beta 0.04; activation checkpointing. A step is what expo_grpo.py does per rank: `engine.sample` of
 batch_size / ranks prompts x G (prompts of --prompt_tokens random tokens, completions forced to --max_new_tokens),
 then `expo_grpo.train_on_rollouts` on them in micro-batches. One warm-up step, then --steps timed ones.
   rollout tok/s   completion tokens per second of sampling, per rank
@@ -71,17 +71,18 @@ def main():
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    import common
+
+    import engine
     import expo_grpo
     import toy  # noqa: F401  (registers the tiny model)
 
-    info = common.init_distributed()
+    info = engine.init_distributed()
     if a.batch_size % info.world_size:
         raise SystemExit(f"--batch_size {a.batch_size} does not divide over {info.world_size} ranks")
     device = info.device if a.device == "cuda" else torch.device("cpu")
     cuda = device.type == "cuda"
-    a.attn = common.attention_implementation(device)
-    tokenizer = common.load_tokenizer("tiny")  # pad/eos ids and decoding only; prompts are random ids
+    a.attn = engine.attention_implementation(device)
+    tokenizer = engine.load_tokenizer("tiny")  # pad/eos ids and decoding only; prompts are random ids
     config = Qwen2Config(**SHAPES[a.shape], max_position_embeddings=32768, tie_word_embeddings=True, rope_theta=1e6,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                          bos_token_id=None, attn_implementation=a.attn, use_cache=False)
@@ -94,10 +95,10 @@ def main():
     model = build()
     n_params = sum(x.numel() for x in model.parameters())
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = common.shard_model(model, device)
-    ref_model = common.shard_model(build(), device, trainable=False)
+    model = engine.shard_model(model, device)
+    ref_model = engine.shard_model(build(), device, trainable=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, foreach=True)  # as the trainers
-    scheduler = common.cosine_schedule(optimizer, 100, 0.0)
+    scheduler = engine.cosine_schedule(optimizer, 100, 0.0)
     args = expo_grpo.Args(model="bench", beta=0.04, micro_batch_size=a.micro_batch_size,
                           max_new_tokens=a.max_new_tokens, sft_source="none")
     questions, G = a.batch_size // info.world_size, a.num_generations
@@ -118,7 +119,7 @@ def main():
     def step():
         prompts = [tokenizer.decode(torch.randint(3, vocab, (a.prompt_tokens,), generator=g).tolist())
                    for _ in range(questions)]
-        out, t_roll, m_roll = peak(lambda: common.sample(
+        out, t_roll, m_roll = peak(lambda: engine.sample(
             model, tokenizer, prompts, n=G, max_new_tokens=a.max_new_tokens, min_new_tokens=a.max_new_tokens,
             temperature=1.0, micro_batch_size=a.gen_batch_size))
         rollouts = {"prompt_ids": out["prompt_ids"], "completion_ids": out["completion_ids"],
@@ -137,11 +138,11 @@ def main():
     mem = {k: max(r[k] for r in runs) for k in ("mem_roll", "mem_train")}
     name = torch.cuda.get_device_name() if cuda else "cpu"
     peak_tflops = a.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), float("nan"))
-    common.print0(f"{info.world_size} rank(s), {a.shape} shape ({n_params:,} parameters, {a.attn}); per rank "
+    engine.print0(f"{info.world_size} rank(s), {a.shape} shape ({n_params:,} parameters, {a.attn}); per rank "
                   f"and step: {questions} prompts x G {G}, {a.prompt_tokens} + {a.max_new_tokens} tokens, "
                   f"micro-batch {a.micro_batch_size}, beta 0.04, checkpointing; median of {a.steps} steps after "
                   f"1 warm-up.\n")
-    common.print0(table(["device", "rollout tok/s", "train tok/s", "step s", "MFU"],
+    engine.print0(table(["device", "rollout tok/s", "train tok/s", "step s", "MFU"],
                         [[name, f"{med['roll_tok_s']:.0f}", f"{med['train_tok_s']:.0f}", f"{med['step_s']:.1f}",
                           f"{100 * med['mfu_flops'] / (peak_tflops * 1e12):.1f}%"]]))
     plan = predicted_phases(a, config, info.world_size, bf16=cuda)
@@ -149,10 +150,10 @@ def main():
     rows = [[phase, f"{predicted[m] / 2**30:.2f}", f"{mem[m] / 2**30:.2f}" if cuda else "-",
              f"{mem[m] / predicted[m]:.2f}" if cuda else "-"]
             for phase, m in (("sampling", "mem_roll"), ("reference pass + training + optimizer", "mem_train"))]
-    common.print0("\nPeak memory per GPU, GiB (rank 0; the second row against the largest of the plan's reference, "
+    engine.print0("\nPeak memory per GPU, GiB (rank 0; the second row against the largest of the plan's reference, "
                   "training and optimizer phases):\n")
-    common.print0(table(["phase", "predicted", "measured", "measured / predicted"], rows))
-    common.cleanup_distributed()
+    engine.print0(table(["phase", "predicted", "measured", "measured / predicted"], rows))
+    engine.close_distributed()
 
 
 if __name__ == "__main__":

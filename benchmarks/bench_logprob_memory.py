@@ -1,4 +1,4 @@
-"""Benchmark 3: peak memory of `common.token_logprobs` against a naive full log-softmax.
+"""Benchmark 3: peak memory of `engine.token_logprobs` against a naive full log-softmax.
 
 A random Qwen2 with Qwen's 151,936-token vocabulary and a small body (hidden 64, 1 layer), so the (batch x length
 x vocab) logits dominate. Each measurement runs in a fresh process: peak RSS during the pass (VmHWM, reset just
@@ -29,7 +29,8 @@ def worker(a) -> None:
     import torch.nn.functional as F
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    import common
+
+    import engine
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -48,7 +49,7 @@ def worker(a) -> None:
             logp = F.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
             del logits
         else:
-            logp = common.token_logprobs(model, ids, mask)  # (B, T-1)
+            logp = engine.token_logprobs(model, ids, mask)  # (B, T-1)
         if grad:
             (logp * w).sum().backward()
     peak = peak_rss_mb()

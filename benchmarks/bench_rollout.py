@@ -1,4 +1,4 @@
-"""Benchmark 2: rollout throughput of `common.sample` under FSDP on CPU (gloo).
+"""Benchmark 2: rollout throughput of `engine.sample` under FSDP on CPU (gloo).
 
 Ways to generate the same number of tokens per process, from a random-weight Qwen2 (hidden 384, 6 layers)
 big enough that matrix products, not Python, dominate a decoding step:
@@ -33,10 +33,11 @@ def build_model(a):
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    import common
+
+    import engine
     import toy  # noqa: F401  (registers the tiny model and the synthetic data)
 
-    tokenizer = common.load_tokenizer("tiny")
+    tokenizer = engine.load_tokenizer("tiny")
     torch.manual_seed(0)  # the same weights on every rank
     config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=a.hidden, intermediate_size=a.hidden * 3,
                          num_hidden_layers=a.layers, num_attention_heads=a.hidden // 64, num_key_value_heads=2,
@@ -51,6 +52,8 @@ def worker(a) -> None:
     import torch
 
     import common
+
+    import engine
     import toy  # noqa: F401  (registers the tiny model and the synthetic data)
 
     torch.set_num_threads(1)
@@ -58,12 +61,12 @@ def worker(a) -> None:
     rows, _ = common.load_problems("synthetic", levels=[1, 2], seed=0)
     prompts = [common.question_prompt(tokenizer, r["question"]) for r in rows[: a.prompts]]
     if a.mode in ("sharded", "naive"):
-        info = common.init_distributed()
-        model = common.shard_model(model, info.device)
+        info = engine.init_distributed()
+        model = engine.shard_model(model, info.device)
 
     def run(n_new):
         if a.mode != "naive":
-            common.sample(model, tokenizer, prompts, n=1, max_new_tokens=n_new, min_new_tokens=n_new,
+            engine.sample(model, tokenizer, prompts, n=1, max_new_tokens=n_new, min_new_tokens=n_new,
                           temperature=0.9, micro_batch_size=len(prompts))
             return
         batch = tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
@@ -81,10 +84,10 @@ def worker(a) -> None:
         rates.append(len(prompts) * a.new_tokens / (time.perf_counter() - start))
     rate = statistics.median(rates)
     if a.mode in ("sharded", "naive"):
-        rate = common.gather_objects(rate)
+        rate = engine.gather_objects(rate)
         if common.dist.get_rank() == 0:
             print("RESULT", json.dumps({"per_rank": statistics.mean(rate)}))
-        common.cleanup_distributed()
+        engine.close_distributed()
     else:
         print("RESULT", json.dumps({"per_rank": rate}))
 
@@ -131,7 +134,7 @@ def main():
     base, base2 = median(rates["unsharded"]), median(rates["unsharded x2"])
     rows = [[m, "1" if m == "unsharded" else "2", *[f"{r:.0f}" for r in rates[m]], f"{median(rates[m]):.0f}",
              f"{median(rates[m]) / base:.2f}", f"{median(rates[m]) / base2:.2f}"] for m in MODES]
-    print(f"Rollout throughput of common.sample, random Qwen2 hidden {a.hidden} x {a.layers} layers, {a.prompts} "
+    print(f"Rollout throughput of engine.sample, random Qwen2 hidden {a.hidden} x {a.layers} layers, {a.prompts} "
           f"sequences x {a.new_tokens} forced new tokens per process, 1 thread per process, fp32 CPU, gloo "
           f"(load average {load_before} -> {load_average()}). Target: sharded >= 0.9x unsharded per rank.\n")
     print(table(["mode", "processes", *[f"run {i + 1} tok/s per rank" for i in range(a.reps)], "median",

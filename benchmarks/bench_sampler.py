@@ -26,11 +26,11 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(_HERE))  # the repository root
 
 from _harness import machine  # noqa: E402
-from common import fsdp_modules, gathered_params, progress  # noqa: E402
-from common import sample as new_sample  # noqa: E402
+from engine import fsdp_modules, gathered_params, progress  # noqa: E402
+from engine import sample as new_sample  # noqa: E402
 
 
-# --- the peer: common.sample() as it was before this change (verbatim but for the stats it now reports) ---
+# --- the peer: engine.sample() as it was before this change (verbatim but for the stats it now reports) ---
 @torch.no_grad()
 def old_sample(model, tokenizer, prompts, n=1, max_new_tokens=512, temperature=1.0, top_p=1.0,
                micro_batch_size=16, min_new_tokens=0, desc="sampling"):

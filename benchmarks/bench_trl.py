@@ -43,9 +43,10 @@ def model_path(a) -> str:
         import torch
         from transformers import Qwen2Config, Qwen2ForCausalLM
 
-        import common
 
-        tokenizer = common.load_tokenizer(toy.build_tiny_model())
+        import engine
+
+        tokenizer = engine.load_tokenizer(toy.build_tiny_model())
         config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=a.width, intermediate_size=2 * a.width,
                              num_hidden_layers=a.layers, num_attention_heads=a.width // 32, num_key_value_heads=2,
                              max_position_embeddings=4096, tie_word_embeddings=True, bos_token_id=None,
@@ -84,6 +85,7 @@ def expo_profile_worker(a) -> None:
     import torch
 
     import expo_grpo
+    import runs
 
     phases = Phases()
     phases.wrap(expo_grpo, "sample", "sampling")
@@ -91,15 +93,15 @@ def expo_profile_worker(a) -> None:
     phases.wrap(expo_grpo, "token_logprobs", grad_label("reference pass", "policy forward"))
     phases.wrap(torch.Tensor, "backward", "backward")
     phases.wrap(expo_grpo, "optimizer_step", "optimizer")
-    phases.wrap(expo_grpo, "all_reduce_dict", "metrics, logging")
-    phases.wrap(expo_grpo, "end_of_step", "metrics, logging")
-    end_of_step = expo_grpo.end_of_step
+    phases.wrap(expo_grpo, "sum_over_ranks", "metrics, logging")
+    phases.wrap(runs.Run, "end_step", "metrics, logging")
+    end_step = runs.Run.end_step
 
     def end_and_mark(*args, **kwargs):
-        end_of_step(*args, **kwargs)
+        end_step(*args, **kwargs)
         phases.mark()
 
-    expo_grpo.end_of_step = end_and_mark
+    runs.Run.end_step = end_and_mark
     with tempfile.TemporaryDirectory() as out:
         # one step more than timed: the last step of a run saves a checkpoint (trl's runs save none)
         sys.argv = ["expo_grpo.py", *expo_args(a, model_path(a)), "--output_dir", out, "--save_every", "0",
@@ -116,11 +118,12 @@ def trl_worker(a) -> None:
     from trl import GRPOConfig, GRPOTrainer
 
     import common
+    import engine
     import toy  # noqa: F401  (registers the tiny model and the synthetic data)
 
     torch.manual_seed(0)
     path = model_path(a)
-    tokenizer = common.load_tokenizer(path)
+    tokenizer = engine.load_tokenizer(path)
     rows, _ = common.load_problems(a.dataset, config=a.dataset_config or None, levels=common.parse_levels(a.levels),
                                    seed=0)
     data = Dataset.from_list([{"prompt": common.question_prompt(tokenizer, r["question"]), "answer": r["answer"]}

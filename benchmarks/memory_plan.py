@@ -10,7 +10,7 @@ Only config.json is read: from a local directory, or the hub's config.json alone
 trainers run it: fp32 master parameters, gradients and AdamW moments sharded by FSDP2 over --gpus, compute in
 bf16 (MixedPrecisionPolicy) on GPU and in fp32 on CPU (--device cpu). A step goes through four phases; the peak
 is the largest:
-  sampling   parameters gathered in full for generate (common.gathered_params), KV cache, decoding
+  sampling   parameters gathered in full for generate (engine.gathered_params), KV cache, decoding
   ref pass   no-grad log-probs of the reference model (GRPO beta > 0, online DPO)
   training   forward + backward of one micro-batch: root + 2 layers gathered, saved activations, log-prob blocks
   optimizer  AdamW step
@@ -126,7 +126,7 @@ def decoding_work(s: Shape, a: Setting) -> int:
     """The larger of prefill and the last decoding step, beyond the gathered parameters.
     prefill: cache of the prompt + one layer's transients, gen_b prompt w (2H residual + max(q,k,v + repeated k,v +
              attention out + its contiguous copy: 5H + 2kv, MLP gate/silu/up: 3I)); an upper bound, since
-             `common.sample` prefills each distinct prompt once for its n samples;
+             `engine.sample` prefills each distinct prompt once for its n samples;
     last step: full cache + one layer's k, v copied by DynamicCache's torch.cat + 4 fp32 (gen_b, V) logits copies."""
     prefill = kv_cache(s, a, a.prompt) + a.gen_b * a.prompt * a.w * (2 * s.H + max(5 * s.H + 2 * s.kv, 3 * s.I))
     last = kv_cache(s, a) + 2 * s.kv * (a.prompt + a.new) * a.gen_b * a.w + 4 * a.gen_b * s.V * 4
@@ -154,7 +154,7 @@ def activations(s: Shape, a: Setting, checkpointing: bool) -> int:
 
 
 def logprob_chunk(s: Shape) -> int:
-    """Positions per chunk in common.token_logprobs: max(1, 2**26 // V), so a (chunk, V) fp32 block is 256 MiB."""
+    """Positions per chunk in engine.token_logprobs: max(1, 2**26 // V), so a (chunk, V) fp32 block is 256 MiB."""
     return max(1, 2**26 // s.V)
 
 
@@ -342,7 +342,7 @@ def measure(args, s: Shape) -> None:
     loaded. Then, per phase: reset the peak RSS (/proc/self/clear_refs), run it, take VmHWM - VmRSS before; the
     largest over ranks. Compared with the plan's peak of that phase minus what is resident before it (parameters,
     AdamW state, reference). Run with MALLOC_MMAP_THRESHOLD_=65536, so that freed tensors leave RSS.
-    Sampling: every FSDP module unsharded and kept so (as common.gathered_params), one generate of gen_batch_size
+    Sampling: every FSDP module unsharded and kept so (as engine.gathered_params), one generate of gen_batch_size
     prompts (one a token shorter: left padding) and exactly max_new_tokens new tokens. Training: as
     train_on_rollouts, on two micro-batches of micro_batch_size sequences (one a token shorter: right padding).
     """
@@ -350,7 +350,7 @@ def measure(args, s: Shape) -> None:
     import torch.distributed as dist
     from torch.distributed.fsdp import FSDPModule
 
-    from common import device_mesh, init_distributed, load_model, make_batch, shard_model, token_logprobs
+    from engine import device_mesh, init_distributed, load_model, make_batch, shard_model, token_logprobs
 
     torch.set_num_threads(1)
     info = init_distributed()
@@ -387,7 +387,7 @@ def measure(args, s: Shape) -> None:
         mask = torch.ones_like(ids)
         mask[0, 0] = 0
         mods = [m for m in model.modules() if isinstance(m, FSDPModule)]
-        for m in mods:  # as common.gathered_params: gathered once, kept through every decoding step
+        for m in mods:  # as engine.gathered_params: gathered once, kept through every decoding step
             m.unshard()
             m.set_reshard_after_forward(False, recurse=False)
         model.eval()

@@ -48,9 +48,9 @@ def tiny_path():
 @pytest.fixture(scope="session")
 def tiny(tiny_path):
     """(model, tokenizer) of the tiny random-weight model, unsharded, fp32, on CPU."""
-    import common
+    import engine
 
-    return common.load_model("tiny", common.torch.device("cpu")), common.load_tokenizer("tiny")
+    return engine.load_model("tiny", engine.torch.device("cpu")), engine.load_tokenizer("tiny")
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ What a pretrained instruct checkpoint brings and the project's own tiny model do
   repetition_penalty 1.05) and TWO end tokens, <|im_end|> and <|endoftext|> (also the pad token);
 - tokenizer files naming the `Qwen2Tokenizer` class, so AutoTokenizer takes the path a hub id takes, with
   a ChatML chat template that inserts a default system prompt when none is given.
-Tests load it only through `common.load_model` / `common.load_tokenizer` with its path, as a hub id would be.
+Tests load it only through `engine.load_model` / `engine.load_tokenizer` with its path, as a hub id would be.
 """
 
 import json
@@ -42,6 +42,7 @@ def build_hub_model(path: str, seed: int = 0) -> str:
     from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
     import common
+
     import toy
 
     if os.path.exists(os.path.join(path, "config.json")):

@@ -16,6 +16,10 @@ from conftest import ENV, ROOT, SHARED_DATA, math_rows, read_jsonl, run_torchrun
 
 import common
 
+import engine
+
+import runs
+
 TINY = ["--model", "tiny", "--dataset", "synthetic", "--batch_size", "4"]
 
 
@@ -100,7 +104,7 @@ def test_bf16_bare_as_the_readme_writes_it(monkeypatch):
 
     for argv, want in (([], None), (["--bf16"], True), (["--bf16", "--lr", "1e-5"], True), (["--bf16", "false"], False)):
         monkeypatch.setattr(sys, "argv", ["expo_grpo.py", *argv])
-        assert common.parse_flags(expo_grpo.Args, "expo_grpo.py").bf16 is want, argv
+        assert runs.parse_flags(expo_grpo.Args, "expo_grpo.py").bf16 is want, argv
     # through the CLI: the bare flag is taken, and the run goes on to its next check
     line = one_line(cli("expo_grpo.py", *TINY, "--bf16", "--num_generations", "1"))
     assert line == "expo_grpo.py: error: --num_generations must be >= 2: a group of one has no advantage"
@@ -173,8 +177,8 @@ def test_a_tokenizer_without_a_chat_template(files, tmp_path):
     path = tmp_path / "no_template"
     shutil.copytree(files["CUT"], path)
     os.remove(path / "chat_template.jinja")
-    with pytest.raises(common.LoadError, match="has no chat template"):
-        common.load_tokenizer(str(path))
+    with pytest.raises(engine.LoadError, match="has no chat template"):
+        engine.load_tokenizer(str(path))
 
 
 # ---------------------------------------------------------------- data rows: skipped and counted, or one line
@@ -186,8 +190,8 @@ def test_rows_without_a_gold_answer_or_too_long_are_skipped_and_counted(files, t
                         "--levels", "all", "--batch_size", "8", "--output_dir", tmp_path / "run"))
     assert line == ("expo_grpo.py: error: 4 training questions ({'no_answer': 2, 'too_long': 1, 'kept': 4}) cannot "
                     "fill --batch_size 8"), line
-    tokenizer = common.load_tokenizer("tiny")
-    fits = common.prompt_fits(tokenizer, common.context_length("tiny"), 32, with_answer=True)
+    tokenizer = engine.load_tokenizer("tiny")
+    fits = common.prompt_fits(tokenizer, engine.context_length("tiny"), 32, with_answer=True)
     rows, stats = common.load_problems(os.path.join(files["DIR"], "mixed.jsonl"), fits=fits)
     assert len(rows) == 4 and stats["no_answer"] == 2 and stats["too_long"] == 1
     assert common.normalize_row({"question": "q", "answer": "so #### "}) is None  # gold "None" before
@@ -196,7 +200,7 @@ def test_rows_without_a_gold_answer_or_too_long_are_skipped_and_counted(files, t
 
 
 def test_a_six_megabyte_question_is_skipped_without_tokenizing_it():
-    tokenizer = common.load_tokenizer("tiny")
+    tokenizer = engine.load_tokenizer("tiny")
     fits = common.prompt_fits(tokenizer, 2048, 32, with_answer=False)
     huge = {"question": "What is 1 + 1? " * 400_000, "answer": "2"}
     assert fits([huge, {"question": "What is 1 + 1?", "answer": "2"}]) == [False, True]

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 import common
+
+import engine
 import toy
 from conftest import SHARED_DATA, run_torchrun
 
@@ -148,7 +150,7 @@ def test_prompts_differ_only_by_the_answer(tiny):
 
 def test_token_logprobs_matches_naive_log_softmax(tiny):
     model, tok = tiny
-    b = common.make_batch([[3, 4, 5, 6], [7, 8]], [[9, 10, 11], [12]], tok.pad_token_id)
+    b = engine.make_batch([[3, 4, 5, 6], [7, 8]], [[9, 10, 11], [12]], tok.pad_token_id)
     assert b["completion_mask"].tolist() == [[0, 0, 0, 1, 1, 1], [0, 1, 0, 0, 0, 0]]
     with torch.no_grad():
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
@@ -156,7 +158,7 @@ def test_token_logprobs_matches_naive_log_softmax(tiny):
     valid = b["attention_mask"][:, 1:].bool()
     for chunk in (1, 5, 1024):
         with torch.no_grad():
-            fast, ent = common.token_logprobs(model, b["input_ids"], b["attention_mask"], chunk_tokens=chunk,
+            fast, ent = engine.token_logprobs(model, b["input_ids"], b["attention_mask"], chunk_tokens=chunk,
                                               with_entropy=True)
         torch.testing.assert_close(fast[valid], naive[valid], atol=1e-5, rtol=1e-5)
     p = torch.softmax(logits[:, :-1], -1)
@@ -168,7 +170,7 @@ def test_token_logprobs_gradient_matches_naive(tiny):
     ids = torch.tensor([[3, 4, 5, 6, 7, 8]])
     mask = torch.ones_like(ids)
     model.zero_grad()
-    common.token_logprobs(model, ids, mask, chunk_tokens=2).sum().backward()
+    engine.token_logprobs(model, ids, mask, chunk_tokens=2).sum().backward()
     fast = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     logits = model(input_ids=ids, attention_mask=mask).logits
@@ -188,7 +190,7 @@ def test_token_logprobs_padding_on_either_side_matches_each_row_alone(tiny):
     alone, grads_alone = [], None
     model.zero_grad()
     for r in rows:
-        logp = common.token_logprobs(model, torch.tensor([r]), torch.ones(1, len(r), dtype=torch.long))
+        logp = engine.token_logprobs(model, torch.tensor([r]), torch.ones(1, len(r), dtype=torch.long))
         logp.sum().backward()
         alone.append(logp.detach()[0])
     grads_alone = [p.grad.clone() for p in model.parameters()]
@@ -198,7 +200,7 @@ def test_token_logprobs_padding_on_either_side_matches_each_row_alone(tiny):
         mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) if side == "right" else
                              [0] * (width - len(r)) + [1] * len(r) for r in rows])
         model.zero_grad()
-        logp = common.token_logprobs(model, ids, mask)
+        logp = engine.token_logprobs(model, ids, mask)
         real = mask[:, 1:].bool() & mask[:, :-1].bool()  # positions whose token and context are both real
         (logp * real).sum().backward()
         for i, r in enumerate(rows):
@@ -211,12 +213,12 @@ def test_token_logprobs_padding_on_either_side_matches_each_row_alone(tiny):
 def test_token_logprobs_positions_computes_only_those(tiny):
     """`positions` (the completion mask) gives the same values and gradients there, 0 elsewhere."""
     model, tok = tiny
-    b = common.make_batch([[3, 4, 5, 6], [7, 8]], [[9, 10, 11], [12]], tok.pad_token_id)
+    b = engine.make_batch([[3, 4, 5, 6], [7, 8]], [[9, 10, 11], [12]], tok.pad_token_id)
     mask = b["completion_mask"]
     grads = []
     for positions in (None, mask, torch.zeros_like(mask)):
         model.zero_grad()
-        logp, ent = common.token_logprobs(model, b["input_ids"], b["attention_mask"], chunk_tokens=2,
+        logp, ent = engine.token_logprobs(model, b["input_ids"], b["attention_mask"], chunk_tokens=2,
                                           with_entropy=True, positions=positions)
         (logp * mask).sum().backward()
         grads.append([p.grad.clone() for p in model.parameters()])
@@ -232,17 +234,9 @@ def test_token_logprobs_positions_computes_only_those(tiny):
     model.zero_grad()
 
 
-def test_masked_mean():
-    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
-    m = torch.tensor([[1, 1, 0], [0, 0, 1]])
-    assert common.masked_mean(x, m).item() == pytest.approx((1 + 2 + 6) / 3)
-    assert common.masked_mean(x, m, dim=1).tolist() == pytest.approx([1.5, 6.0])
-    assert common.masked_mean(x, torch.zeros_like(m)).item() == 0.0
-
-
 def test_cosine_schedule_shape():
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched = common.cosine_schedule(opt, total_steps=10, warmup_ratio=0.2)
+    sched = engine.cosine_schedule(opt, total_steps=10, warmup_ratio=0.2)
     lrs = []
     for _ in range(10):
         lrs.append(opt.param_groups[0]["lr"])
@@ -255,7 +249,7 @@ def test_cosine_schedule_shape():
 def test_sample_shapes_and_eos(tiny):
     model, tok = tiny
     prompts = [common.question_prompt(tok, "1+1?"), common.question_prompt(tok, "A longer question: 2+2?")]
-    out = common.sample(model, tok, prompts, n=3, max_new_tokens=6, temperature=1.0, micro_batch_size=4)
+    out = engine.sample(model, tok, prompts, n=3, max_new_tokens=6, temperature=1.0, micro_batch_size=4)
     assert len(out["completion_ids"]) == 6
     assert out["prompt_ids"][0] == tok(prompts[0], add_special_tokens=False)["input_ids"]
     assert out["prompt_ids"][3] == tok(prompts[1], add_special_tokens=False)["input_ids"]

@@ -13,6 +13,8 @@ import pytest
 import torch
 
 import common
+
+import engine
 import toy
 import expo_dpo
 from conftest import read_jsonl, run_torchrun
@@ -120,7 +122,7 @@ class StubSampler:
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_path):
-    return common.load_tokenizer("tiny")
+    return engine.load_tokenizer("tiny")
 
 
 def test_build_pairs_with_stubbed_sampler(tokenizer):
@@ -167,7 +169,7 @@ def test_build_pairs_with_the_real_tiny_model_skips_unverified_explanations(tiny
     # random weights never write the gold \boxed{}: every question has a wrong CoT, no explanation verifies
     model, _ = tiny
     rows = toy.synthetic_problems(3, seed=5)
-    sampler = lambda prompts, n: common.sample(model, tokenizer, prompts, n=n, max_new_tokens=8)  # noqa: E731
+    sampler = lambda prompts, n: engine.sample(model, tokenizer, prompts, n=n, max_new_tokens=8)  # noqa: E731
     # 8 new tokens: most wrong CoTs are cut, and by default a question with only cut ones makes no pair; the rest
     # get an explanation, which never verifies
     pairs, stats = expo_dpo.build_pairs(list(enumerate(rows)), tokenizer, sampler, "explanation", 2, 1)
@@ -258,17 +260,17 @@ def test_no_flag_is_swallowed_by_torchrun():
 GRAD_SCRIPT = textwrap.dedent("""
     import torch
     import common, expo_dpo
-    info = common.init_distributed()
-    tok = common.load_tokenizer("tiny")
+    info = engine.init_distributed()
+    tok = engine.load_tokenizer("tiny")
     pairs = [{"qid": i, "question": f"What is {i} + {i}?", "chosen_ids": list(range(10, 20 + 3 * i)),
               "rejected_ids": list(range(30, 32 + i)), "ref_chosen_logp": -60.0 - 7 * i, "ref_rejected_logp": -40.0 + 3 * i}
              for i in range(5)]
-    sharded = common.shard_model(common.load_model("tiny", info.device), info.device)
-    single = common.load_model("tiny", info.device)  # one process holding every pair
+    sharded = engine.shard_model(engine.load_model("tiny", info.device), info.device)
+    single = engine.load_model("tiny", info.device)  # one process holding every pair
     # 5 pairs in micro-batches of 2: uneven shares and a dummy; 1 pair: rank 1 runs only a dummy
     for n in (5, 1):
         sums, _, _ = expo_dpo.dpo_backward(sharded, tok, pairs[:n], 0.5, info.rank, info.world_size, 2, info.device)
-        summed = common.all_reduce_dict(sums, "sum")  # fails if the ranks' metric keys differ
+        summed = engine.sum_over_ranks(sums, "sum")  # fails if the ranks' metric keys differ
         grads = {name: p.grad.full_tensor() for name, p in sharded.named_parameters()}
         expo_dpo.dpo_backward(single, tok, pairs[:n], 0.5, 0, 1, 2, info.device)
         worst = max((grads[name] - p.grad).abs().max().item() / (p.grad.abs().max().item() + 1e-12)
@@ -278,7 +280,7 @@ GRAD_SCRIPT = textwrap.dedent("""
             print(f"RESULT n={n} worst_rel_diff={worst:.3e} total_grad={total:.3e} loss={summed['loss'] / n:.6f}")
         sharded.zero_grad(set_to_none=True)
         single.zero_grad(set_to_none=True)
-    common.cleanup_distributed()
+    engine.close_distributed()
 """)
 
 

@@ -12,6 +12,8 @@ import torch
 from conftest import read_jsonl, run_torchrun
 
 import common
+
+import engine
 import toy
 import expo_grpo
 from expo_grpo import Args, group_advantages, grpo_loss, k3_kl, sft_loss, train_on_rollouts, validate_args
@@ -170,14 +172,14 @@ def test_global_normalisation_gives_same_gradient_for_one_or_two_micro_batches(l
 def test_sft_loss_is_transformers_causal_lm_cross_entropy(tiny):
     model, tokenizer = tiny
     prompts, completions = [[5, 6, 7], [8, 9]], [[10, 11, 12, 13], [14, 15]]
-    batch = common.make_batch(prompts, completions, tokenizer.pad_token_id)
+    batch = engine.make_batch(prompts, completions, tokenizer.pad_token_id)
     labels = batch["input_ids"].clone()
     labels[batch["attention_mask"] == 0] = -100
     for r, p in enumerate(prompts):
         labels[r, : len(p)] = -100
     with torch.no_grad():
         expected = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss
-        logps = common.token_logprobs(model, batch["input_ids"], batch["attention_mask"])
+        logps = engine.token_logprobs(model, batch["input_ids"], batch["attention_mask"])
     torch.testing.assert_close(sft_loss(logps, batch["completion_mask"]), expected, rtol=1e-5, atol=1e-5)
 
 

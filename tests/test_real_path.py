@@ -14,6 +14,8 @@ import torch
 from conftest import ROOT, gsm8k_rows, math_rows, run_torchrun, write_jsonl
 
 import common
+
+import engine
 import expo_dpo
 import expo_grpo
 
@@ -23,7 +25,7 @@ CPU = torch.device("cpu")
 def test_fixture_is_shaped_like_the_hub_checkpoint(hub_path):
     from transformers import GenerationConfig
 
-    tokenizer = common.load_tokenizer(hub_path)
+    tokenizer = engine.load_tokenizer(hub_path)
     assert type(tokenizer).__name__ == "Qwen2Tokenizer"  # the class AutoTokenizer picks for the hub id
     gen = GenerationConfig.from_pretrained(hub_path)
     im_end, endoftext = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
@@ -54,9 +56,9 @@ def count_layer_calls(model):
 
 @pytest.mark.parametrize("checkpointing, calls_per_layer", [(True, 2), (False, 1)])
 def test_grpo_step_recomputes_layers_with_checkpointing(hub_path, checkpointing, calls_per_layer):
-    model = common.load_model(hub_path, CPU, gradient_checkpointing=checkpointing)
-    tokenizer = common.load_tokenizer(hub_path)
-    common.sample(model, tokenizer, ["a"], max_new_tokens=2)  # sampling switches to eval mode and back
+    model = engine.load_model(hub_path, CPU, gradient_checkpointing=checkpointing)
+    tokenizer = engine.load_tokenizer(hub_path)
+    engine.sample(model, tokenizer, ["a"], max_new_tokens=2)  # sampling switches to eval mode and back
     model.eval()  # and so may evaluation: the training step must not depend on what ran before
     rollouts = {"prompt_ids": [[5, 6, 7]] * 2, "completion_ids": [[8, 9], [10, 11, 12]], "advantages": [1.0, -1.0],
                 "in_pg": [True, True], "in_sft": [False, False]}
@@ -69,8 +71,8 @@ def test_grpo_step_recomputes_layers_with_checkpointing(hub_path, checkpointing,
 
 
 def test_dpo_step_recomputes_layers_with_checkpointing(hub_path):
-    model = common.load_model(hub_path, CPU, gradient_checkpointing=True).eval()
-    tokenizer = common.load_tokenizer(hub_path)
+    model = engine.load_model(hub_path, CPU, gradient_checkpointing=True).eval()
+    tokenizer = engine.load_tokenizer(hub_path)
     pair = {"qid": 0, "question": "q", "chosen_ids": [8, 9, 2], "rejected_ids": [10, 11],
             "ref_chosen_logp": -1.0, "ref_rejected_logp": -1.0}
     calls = count_layer_calls(model)
@@ -79,11 +81,11 @@ def test_dpo_step_recomputes_layers_with_checkpointing(hub_path):
 
 
 def test_training_mode_adds_no_dropout(hub_path):
-    model = common.load_model(hub_path, CPU, gradient_checkpointing=True)
+    model = engine.load_model(hub_path, CPU, gradient_checkpointing=True)
     assert model.training
     ids = torch.tensor([[5, 6, 7, 8, 9]])
-    a = common.token_logprobs(model, ids, torch.ones_like(ids))
-    b = common.token_logprobs(model, ids, torch.ones_like(ids))
+    a = engine.token_logprobs(model, ids, torch.ones_like(ids))
+    b = engine.token_logprobs(model, ids, torch.ones_like(ids))
     assert torch.equal(a, b)  # two training-mode passes agree: no dropout anywhere
 
 
@@ -94,12 +96,12 @@ def test_sampling_draws_from_softmax_over_t_whatever_the_generation_config_says(
     """The fixture's generation_config asks for top_k 20, top_p 0.8, repetition penalty 1.05 at T 0.7; sample()
     at T = 30 (the random fixture's logits are peaked: a high T spreads them) must draw from softmax(logits / 30)
     all the same, and never through model.generate."""
-    model = common.load_model(hub_path, CPU).eval()
-    tokenizer = common.load_tokenizer(hub_path)
+    model = engine.load_model(hub_path, CPU).eval()
+    tokenizer = engine.load_tokenizer(hub_path)
     monkeypatch.setattr(type(model), "generate", lambda *a, **k: pytest.fail("generate() applies generation_config"))
     prompt = common.question_prompt(tokenizer, "What is 2+3?")
     torch.manual_seed(0)
-    out = common.sample(model, tokenizer, [prompt], n=3000, max_new_tokens=1, temperature=30.0, micro_batch_size=3000)
+    out = engine.sample(model, tokenizer, [prompt], n=3000, max_new_tokens=1, temperature=30.0, micro_batch_size=3000)
     with torch.no_grad():
         ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
         want = torch.softmax(model(ids).logits[0, -1].float() / 30.0, -1)
@@ -114,17 +116,17 @@ def test_sampling_draws_from_softmax_over_t_whatever_the_generation_config_says(
 
 
 def test_sampling_stops_at_every_end_token_the_checkpoint_declares(hub_path):
-    model = common.load_model(hub_path, CPU).eval()
-    tokenizer = common.load_tokenizer(hub_path)
+    model = engine.load_model(hub_path, CPU).eval()
+    tokenizer = engine.load_tokenizer(hub_path)
     im_end, endoftext = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
-    assert common.end_token_ids(model, tokenizer) == [im_end, endoftext]
+    assert engine.end_token_ids(model, tokenizer) == [im_end, endoftext]
     def end_often(module, inputs, logits):  # <|endoftext|> (also the pad token) likely at every step, <|im_end|> never
         logits[..., :] = 0.0
         logits[..., endoftext], logits[..., im_end] = 2.0, float("-inf")
         return logits
 
     model.lm_head.register_forward_hook(end_often)
-    out = common.sample(model, tokenizer, ["a", "bb c"], n=8, max_new_tokens=30, temperature=1.0)
+    out = engine.sample(model, tokenizer, ["a", "bb c"], n=8, max_new_tokens=30, temperature=1.0)
     for ids, ended in zip(out["completion_ids"], out["eos"]):
         ends = [k for k, t in enumerate(ids) if t in (im_end, endoftext)]
         assert ended == bool(ends) and ends in ([], [len(ids) - 1])  # cut at the first end token, nothing after
@@ -149,7 +151,7 @@ def stub_sampler(by_prompt):
 
 @pytest.mark.parametrize("policy, expect_pair", [("skip", False), ("keep", True)])
 def test_dpo_rejected_prefers_an_ended_wrong_cot(hub_path, policy, expect_pair):
-    tokenizer = common.load_tokenizer(hub_path)
+    tokenizer = engine.load_tokenizer(hub_path)
     rows = [(0, {"question": "q0", "answer": "7"}), (1, {"question": "q1", "answer": "7"})]
     cots = {  # q0: a truncated wrong CoT first, then an ended one; q1: only truncated wrong CoTs
         "q0": [("\\boxed{9} and on", [40, 41, 42], False), ("\\boxed{8}", [43, 44, 2], True)],
@@ -172,8 +174,8 @@ def test_dpo_rejected_prefers_an_ended_wrong_cot(hub_path, policy, expect_pair):
 
 
 def test_dpo_scores_exactly_the_sampled_tokens(hub_path):
-    model = common.load_model(hub_path, CPU).eval()
-    tokenizer = common.load_tokenizer(hub_path)
+    model = engine.load_model(hub_path, CPU).eval()
+    tokenizer = engine.load_tokenizer(hub_path)
     pair = {"question": "What is 2+3?", "chosen_ids": [70, 71, tokenizer.eos_token_id], "rejected_ids": [72, 73, 74]}
     chosen, rejected, _ = expo_dpo.sequence_logps(model, tokenizer, [pair], CPU)
     prompt = tokenizer(common.question_prompt(tokenizer, pair["question"]), add_special_tokens=False)["input_ids"]
@@ -185,7 +187,7 @@ def test_dpo_scores_exactly_the_sampled_tokens(hub_path):
 
 
 def test_offline_explanations_keep_sampled_ids(tmp_path, hub_path):
-    tokenizer = common.load_tokenizer(hub_path)
+    tokenizer = engine.load_tokenizer(hub_path)
     path = write_jsonl(tmp_path / "e.jsonl", [
         {"question": "cut", "explanation": "so", "completion_ids": [80, 81], "verified": 0.0},  # truncated: no EOS
         {"question": "from elsewhere", "explanation": "so \\boxed{3}"},  # text only: a complete answer
@@ -200,10 +202,19 @@ def test_offline_explanations_keep_sampled_ids(tmp_path, hub_path):
 
 
 def test_progress_reports_when_not_a_terminal(capsys):
-    assert list(common.progress(range(3), "pairs", every=0.0)) == [0, 1, 2]
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert [ln.split(",")[0] for ln in lines] == ["pairs: 1/3", "pairs: 2/3", "pairs: 3/3"]
-    assert lines[0].endswith("s") and "eta" in lines[0]
+    """In a log (not a terminal) a phase shows only once it has lasted `every` seconds, then with its count."""
+    import time
+
+    bar = engine.progress(None, "pairs", total=3, every=0.05)
+    bar.update()
+    assert capsys.readouterr().out == ""  # too short to show
+    time.sleep(0.1)
+    bar.update()
+    assert "pairs" in capsys.readouterr().out
+    bar.close()
+    assert "3/3" not in capsys.readouterr().out  # closing a bar that never finished does not invent a count
+    bar = engine.progress(range(3), "quick", every=30.0)
+    assert list(bar) == [0, 1, 2] and capsys.readouterr().out == ""
 
 
 def test_offline_dpo_builds_pairs_only_for_the_steps_it_runs(tmp_path, hub_path):

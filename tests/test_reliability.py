@@ -21,6 +21,8 @@ import torch
 from safetensors.torch import load_file
 
 import common
+
+import runs
 import toy
 from conftest import ENV, ROOT, free_port, read_jsonl, torchrun_cmd
 
@@ -203,7 +205,7 @@ def test_sigkill_one_rank_then_resume_equals_uninterrupted_run(script, kill_node
     assert "world size 2" in killed["output"]
 
     # a kill during the next save left a partial checkpoint-N.tmp: --resume must ignore it
-    latest = int(common.latest_checkpoint(out).rsplit("-", 1)[1])
+    latest = int(runs.latest_checkpoint(out).rsplit("-", 1)[1])
     partial = os.path.join(out, f"checkpoint-{latest + 1}.tmp")
     os.makedirs(partial, exist_ok=True)
     with open(os.path.join(partial, "__0_0.distcp"), "wb") as f:
@@ -231,7 +233,7 @@ def test_sigkill_one_rank_then_resume_equals_uninterrupted_run(script, kill_node
 def test_latest_checkpoint_skips_partial_saves(tmp_path):
     for name in ("checkpoint-2", "checkpoint-10", "checkpoint-11.tmp", "checkpoint-x", "checkpoint-12.tmp"):
         os.makedirs(tmp_path / name)
-    assert common.latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-10")
+    assert runs.latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-10")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -18,6 +18,8 @@ from conftest import ENV, ROOT, math_rows, read_jsonl, torchrun_cmd, write_jsonl
 
 import common
 
+import runs
+
 LR = 1e-3
 # warm-up 0, so the lr of step s of an N-step run is LR * (1 + cos(pi (s - 1) / N)) / 2
 GRPO = ["--dataset", "synthetic", "--levels", "1-2", "--batch_size", "2", "--num_generations", "2",
@@ -105,7 +107,7 @@ def test_run_config_and_manifests_are_written(run, tiny_path):
     for name in checkpoints(run):
         manifest = json.load(open(os.path.join(run, name, "manifest.json")))
         assert set(manifest["files"]) == set(os.listdir(os.path.join(run, name))) - {"manifest.json"}
-        assert common.checkpoint_problem(os.path.join(run, name)) is None
+        assert runs.checkpoint_problem(os.path.join(run, name)) is None
 
 
 @pytest.mark.parametrize("script", ["expo_grpo.py", "expo_dpo.py"])
@@ -245,14 +247,14 @@ def test_resume_falls_back_past_damaged_checkpoints_and_never_keeps_them(copy):
     assert "resumed from step 1\n" in out
     assert steps(copy) == [1, 2]
     assert checkpoints(copy) == ["checkpoint-2"]
-    assert common.checkpoint_problem(os.path.join(copy, "checkpoint-2")) is None
+    assert runs.checkpoint_problem(os.path.join(copy, "checkpoint-2")) is None
 
 
 def test_resume_with_no_complete_checkpoint_is_one_line(copy):
     for step in (1, 2, 3):
         os.remove(os.path.join(copy, f"checkpoint-{step}", "manifest.json"))
     line = one_line(grpo(copy, "--max_steps", "3", "--resume"))
-    why = "no manifest.json: its save did not finish (or an earlier version of expo wrote it)"
+    why = "no manifest.json: its save did not finish"
     assert line == (f"expo_grpo.py: error: --resume: no complete checkpoint in {copy} (checkpoint-3: {why}; "
                     f"checkpoint-2: {why}; checkpoint-1: {why})")
 
@@ -271,4 +273,4 @@ def test_checkpoint_problem_names_the_damage(run, tmp_path, damage, problem):
     path = str(tmp_path / "checkpoint-3")
     shutil.copytree(os.path.join(run, "checkpoint-3"), path)
     damage(path)
-    assert common.checkpoint_problem(path).startswith(problem)
+    assert runs.checkpoint_problem(path).startswith(problem)

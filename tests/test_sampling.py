@@ -15,7 +15,7 @@ from torch import nn
 
 from conftest import run_torchrun
 
-from common import end_token_ids, next_tokens, sample
+from engine import end_token_ids, next_tokens, sample
 
 V = 300
 PAD, EOS, END2 = 0, 1, 2  # END2: a second end token; in `pad_is_end` models PAD itself is also an end token

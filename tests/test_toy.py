@@ -15,6 +15,10 @@ import torch
 from safetensors.torch import load_file
 
 import common
+
+import engine
+
+import runs
 import toy
 from conftest import ROOT, run_torchrun
 
@@ -113,8 +117,8 @@ def test_load_problems_addition():
     assert not {r["question"] for r in rows} & {r["question"] for r in test}  # held out
     everything, _ = common.load_problems("addition", synthetic_size=600)
     assert sorted({r["level"] for r in everything}) == [1, 2, 3, 4, 5, 6]
-    common.check_dataset_name("addition")
-    common.check_model_name("toy")
+    runs.check_dataset_name("addition")
+    runs.check_model_name("toy")
 
 
 def terse_is_right(question: str, solution: str) -> bool:
@@ -195,7 +199,7 @@ def test_toy_tokenizer_is_character_level(tmp_path):
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert len(ids) == len(text) and tok.unk_token_id not in ids
     tok.save_pretrained(tmp_path)
-    again = common.load_tokenizer(str(tmp_path))  # as the training scripts load it
+    again = engine.load_tokenizer(str(tmp_path))  # as the training scripts load it
     assert again(text, add_special_tokens=False)["input_ids"] == ids
     assert again.decode(ids + [again.eos_token_id], skip_special_tokens=True) == text
     assert common.explanation_prompt(again, "47+38", "85") == "Q47+38|0000085>"
@@ -221,13 +225,13 @@ def test_toy_model_build_is_deterministic_and_loads(tmp_path):
     assert info["steps"] == 20 and all(0.0 <= info[k] <= 1.0 for k in ("easy_solve", "hard_solve", "hard_explain"))
     assert toy.build_toy_model(a, seed=0, **kw) == a  # cached: returns at once
 
-    model = common.load_model(a, torch.device("cpu"))
-    tok = common.load_tokenizer(a)
+    model = engine.load_model(a, torch.device("cpu"))
+    tok = engine.load_tokenizer(a)
     # beside a qwen2 config.json, transformers would load Qwen's tokenizer class, which drops the spaces
     text = r"7805 4318 \boxed{85}"
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert len(ids) == len(text) and tok.decode(ids) == text
-    out = common.sample(model, tok, [common.question_prompt(tok, "12+34")], max_new_tokens=8, temperature=1.0)
+    out = engine.sample(model, tok, [common.question_prompt(tok, "12+34")], max_new_tokens=8, temperature=1.0)
     assert len(out["completion_ids"][0]) <= 8
 
 
@@ -295,8 +299,8 @@ def test_a_rank_other_than_0_builds_a_whole_model(tmp_path):
     """Whichever rank takes the build lock writes the model: under torch.distributed transformers' save_pretrained
     writes only on rank 0, which once left a model directory with a tokenizer and no weights."""
     script = tmp_path / "build.py"
-    script.write_text("import sys\nimport common, toy\ninfo = common.init_distributed()\n"
-                      "if info.rank == 1:\n    toy.build_tiny_model(sys.argv[1])\ncommon.cleanup_distributed()\n")
+    script.write_text("import sys\nimport engine, toy\ninfo = engine.init_distributed()\n"
+                      "if info.rank == 1:\n    toy.build_tiny_model(sys.argv[1])\nengine.close_distributed()\n")
     run_torchrun(str(script), [str(tmp_path / "tiny")], nproc=2, timeout=120)
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(tmp_path / "tiny"))
 
@@ -330,6 +334,6 @@ def test_the_shipped_base_gives_its_recorded_rates_and_is_what_the_quick_lab_use
         "seed": 0, "steps": 600, "batch_size": 128, "lr": 3e-3, "threads": 1}
     assert toy.build_toy_model() == toy.SHIPPED_BASE  # no build: the defaults are the shipped build
     model = AutoModelForCausalLM.from_pretrained(toy.SHIPPED_BASE).eval()
-    rates = toy.toy_rates(model, common.load_tokenizer(toy.SHIPPED_BASE), n=200)
+    rates = toy.toy_rates(model, engine.load_tokenizer(toy.SHIPPED_BASE), n=200)
     assert rates == {k: record[k] for k in ("easy_solve", "hard_solve", "hard_explain")}
     assert record["easy_solve"] >= 0.9 and record["hard_solve"] <= 0.05 and record["hard_explain"] >= 0.8

@@ -9,13 +9,14 @@ import sys
 
 import torch
 
-import common
+
+import engine
 import expo_dpo
 import expo_grpo
 
 hub_path, out_dir = sys.argv[1], sys.argv[2]
-info = common.init_distributed()
-tokenizer = common.load_tokenizer(hub_path)
+info = engine.init_distributed()
+tokenizer = engine.load_tokenizer(hub_path)
 g = torch.Generator().manual_seed(0)
 ids = lambda n: torch.randint(3, 500, (n,), generator=g).tolist()  # noqa: E731
 G = 4  # this rank's rollouts: one question, G completions, one positive sample (same on every run)
@@ -26,9 +27,9 @@ pair = {"qid": info.rank, "question": "What is 2+3?", "chosen_ids": ids(40), "re
 args = expo_grpo.Args(model=hub_path, beta=0.04, micro_batch_size=5, num_generations=G)
 for name, bf16 in (("fp32", False), ("bf16", True)):
     torch.manual_seed(0)
-    model = common.shard_model(common.load_model(hub_path, info.device, gradient_checkpointing=True), info.device,
+    model = engine.shard_model(engine.load_model(hub_path, info.device, gradient_checkpointing=True), info.device,
                                bf16=bf16)
-    ref = common.shard_model(common.load_model(hub_path, info.device, trainable=False), info.device, trainable=False,
+    ref = engine.shard_model(engine.load_model(hub_path, info.device, trainable=False), info.device, trainable=False,
                              bf16=bf16)
     seen = {}
     def record(module, inputs, output):
@@ -41,11 +42,11 @@ for name, bf16 in (("fp32", False), ("bf16", True)):
     hook.remove()
     with torch.no_grad():
         chosen, rejected, _ = expo_dpo.sequence_logps(model, tokenizer, [pair], info.device)
-    res = common.all_reduce_dict({"grpo_sft_loss": grpo["sft_loss"], "grpo_grad_norm": grpo["grad_norm"],
+    res = engine.sum_over_ranks({"grpo_sft_loss": grpo["sft_loss"], "grpo_grad_norm": grpo["grad_norm"],
                                   "dpo_logps_chosen": chosen.item(), "dpo_logps_rejected": rejected.item()})
     res["param_dtype"] = str(next(model.parameters()).dtype)
     res["compute_dtype"] = seen["dtype"]
     if info.rank == 0:
         with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
             json.dump(res, f)
-common.cleanup_distributed()
+engine.close_distributed()

@@ -10,6 +10,10 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 import common
+
+import engine
+
+import runs
 import toy  # noqa: F401  (registers --model tiny)
 
 
@@ -22,54 +26,54 @@ def max_diff(a, b):
 
 
 def main(out_dir):
-    info = common.init_distributed()
-    common.seed_everything(0, info.rank)
-    tok = common.load_tokenizer("tiny")
-    model = common.load_model("tiny", info.device)
+    info = engine.init_distributed()
+    engine.seed_everything(0, info.rank)
+    tok = engine.load_tokenizer("tiny")
+    model = engine.load_model("tiny", info.device)
     plain = copy.deepcopy(model)
-    common.shard_model(model, info.device)
+    engine.shard_model(model, info.device)
     result = {}
 
-    batch = common.make_batch([[3, 4, 5, 6 + info.rank]], [[7, 8, 9]], tok.pad_token_id)
+    batch = engine.make_batch([[3, 4, 5, 6 + info.rank]], [[7, 8, 9]], tok.pad_token_id)
     with torch.no_grad():
-        sharded = common.token_logprobs(model, batch["input_ids"], batch["attention_mask"], chunk_tokens=2)
-        reference = common.token_logprobs(plain, batch["input_ids"], batch["attention_mask"])
+        sharded = engine.token_logprobs(model, batch["input_ids"], batch["attention_mask"], chunk_tokens=2)
+        reference = engine.token_logprobs(plain, batch["input_ids"], batch["attention_mask"])
     result["sharded_logprob_max_diff"] = (sharded - reference).abs().max().item()
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    scheduler = common.cosine_schedule(optimizer, total_steps=10, warmup_ratio=0.0)
+    scheduler = engine.cosine_schedule(optimizer, total_steps=10, warmup_ratio=0.0)
 
     def step():
-        logps = common.token_logprobs(model, batch["input_ids"], batch["attention_mask"])
-        loss = -common.masked_mean(logps, batch["completion_mask"])
+        logps = engine.token_logprobs(model, batch["input_ids"], batch["attention_mask"])
+        loss = -(logps * batch["completion_mask"]).sum() / batch["completion_mask"].sum()
         loss.backward()
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad()
-        return common.all_reduce_dict({"loss": loss.item()})["loss"]
+        return engine.sum_over_ranks({"loss": loss.item()})["loss"]
 
     before = step()
     with torch.no_grad():
-        after = -common.masked_mean(common.token_logprobs(model, batch["input_ids"], batch["attention_mask"]),
-                                    batch["completion_mask"]).item()
-    result["loss_decreased"] = common.all_reduce_dict({"after": after})["after"] < before
+        logps = engine.token_logprobs(model, batch["input_ids"], batch["attention_mask"])
+        after = (-(logps * batch["completion_mask"]).sum() / batch["completion_mask"].sum()).item()
+    result["loss_decreased"] = engine.sum_over_ranks({"after": after})["after"] < before
 
     # rank 1 decodes six times longer than rank 0: no per-token collective, so no rank waits for another
     length = 4 if info.rank == 0 else 24
-    out = common.sample(model, tok, [common.question_prompt(tok, "2+2?")], n=2, max_new_tokens=length,
+    out = engine.sample(model, tok, [common.question_prompt(tok, "2+2?")], n=2, max_new_tokens=length,
                         min_new_tokens=length, temperature=1.0)
-    result["sample_lengths"] = common.gather_objects([len(c) for c in out["completion_ids"]])
+    result["sample_lengths"] = engine.gather_objects([len(c) for c in out["completion_ids"]])
 
-    common.save_checkpoint(out_dir, 1, model, optimizer, scheduler, extra={"data_position": 7})
+    runs.save_checkpoint(out_dir, 1, model, optimizer, scheduler, extra={"data_position": 7})
     saved = full_state(model)
     step()
     result["changed_after_save"] = max_diff(saved, full_state(model))
-    extra = common.load_checkpoint(common.latest_checkpoint(out_dir), model, optimizer, scheduler)
+    extra = runs.load_checkpoint(runs.latest_checkpoint(out_dir), model, optimizer, scheduler)
     assert extra == {"step": 1, "data_position": 7}, extra
     assert scheduler.last_epoch == 1
     result["restore_max_diff"] = max_diff(saved, full_state(model))
 
-    common.export_hf(model, tok, os.path.join(out_dir, "hf"))
+    runs.export_hf(model, tok, os.path.join(out_dir, "hf"))
     if info.is_main:
         from transformers import AutoModelForCausalLM
 
@@ -78,7 +82,7 @@ def main(out_dir):
         with open(os.path.join(out_dir, "result.json"), "w") as f:
             json.dump(result, f)
     dist.barrier()
-    common.cleanup_distributed()
+    engine.close_distributed()
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ import sys
 
 import torch
 
-import common
+
+import engine
 import toy  # noqa: F401  (registers --model tiny)
 import expo_grpo
 
@@ -37,10 +38,10 @@ def train_all(rollouts: dict, micro_batch_size: int, pad_id: int, device, sharde
         args = expo_grpo.Args(model="tiny", num_generations=2, micro_batch_size=micro_batch_size, beta=0.04,
                               num_iterations=2, loss_agg=loss_agg, max_new_tokens=8, sft_coef=0.5, clip_eps=0.2,
                               max_grad_norm=1e6)
-        model, ref_model = common.load_model("tiny", device), common.load_model("tiny", device)
+        model, ref_model = engine.load_model("tiny", device), engine.load_model("tiny", device)
         if sharded:
-            model = common.shard_model(model, device)
-            ref_model = common.shard_model(ref_model, device, trainable=False)
+            model = engine.shard_model(model, device)
+            ref_model = engine.shard_model(ref_model, device, trainable=False)
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
         metrics = expo_grpo.train_on_rollouts(model, ref_model, optimizer, scheduler, rollouts, args, pad_id)
@@ -56,10 +57,10 @@ def train_all(rollouts: dict, micro_batch_size: int, pad_id: int, device, sharde
 
 if __name__ == "__main__":
     out_path, micro_batch_size = sys.argv[1], int(sys.argv[2])
-    info = common.init_distributed()
-    tokenizer = common.load_tokenizer("tiny")
+    info = engine.init_distributed()
+    tokenizer = engine.load_tokenizer("tiny")
     rollouts = fixed_rollouts(info.rank, info.world_size, len(tokenizer))
     results = train_all(rollouts, micro_batch_size, tokenizer.pad_token_id, info.device, sharded=True)
     if info.rank == 0:
         torch.save(results, out_path)
-    common.cleanup_distributed()
+    engine.close_distributed()

@@ -13,11 +13,13 @@ import sys
 import torch
 
 import common
+
+import engine
 import toy  # noqa: F401  (registers --model tiny)
 
 script, nan_rank, nan_steps = sys.argv[1], int(sys.argv[2]), {int(s) for s in sys.argv[3].split(",")}
 current = {"step": None}
-_global_batch, _token_logprobs = common.global_batch, common.token_logprobs
+_global_batch, _token_logprobs = common.global_batch, engine.token_logprobs
 
 
 def global_batch(rows, step, *args, **kwargs):
@@ -34,6 +36,6 @@ def token_logprobs(*args, **kwargs):
     return out
 
 
-common.global_batch, common.token_logprobs = global_batch, token_logprobs  # before the script imports them
+common.global_batch, engine.token_logprobs = global_batch, token_logprobs  # before the script imports them
 sys.argv = [script, *sys.argv[4:]]
 runpy.run_path(script, run_name="__main__")

@@ -13,22 +13,22 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, for test_sampling
-import common  # noqa: E402
+import engine
 from test_sampling import EOS, prompts_of, reference_greedy, tiny_qwen2, word_tokenizer  # noqa: E402
 
-info = common.init_distributed(timeout_minutes=1)
+info = engine.init_distributed(timeout_minutes=1)
 tok = word_tokenizer()
 model = tiny_qwen2()  # same seed on both ranks
 plain = copy.deepcopy(model)
-common.shard_model(model, info.device, trainable=True)
+engine.shard_model(model, info.device, trainable=True)
 model.train()
 calls = [(prompts_of([3, 8, 5, 2, 6]), prompts_of([4, 7, 2], seed=9)),  # rank 0
          ([], prompts_of([6], seed=4))]  # rank 1: nothing, then one
-hooks = lambda: [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in common.fsdp_modules(model)]  # noqa: E731
+hooks = lambda: [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in engine.fsdp_modules(model)]  # noqa: E731
 hooks_before = hooks()
 match, counts = True, []
 for prompts in calls[info.rank]:
-    out = common.sample(model, tok, prompts, max_new_tokens=40, temperature=0.0, micro_batch_size=2)
+    out = engine.sample(model, tok, prompts, max_new_tokens=40, temperature=0.0, micro_batch_size=2)
     ref = [reference_greedy(plain, tok, p, 40, [EOS]) for p in prompts]
     match &= out["completion_ids"] == ref and model.training
     counts.append(len(out["completion_ids"]))
@@ -42,4 +42,4 @@ with open(os.path.join(sys.argv[1], f"rank{info.rank}.json"), "w") as f:
     json.dump({"match": bool(match), "counts": counts, "hooks_back": hooks() == hooks_before,
                "hooks": hooks_before[0], "grads_match": grads_match}, f)
 torch.distributed.barrier()
-common.cleanup_distributed()
+engine.close_distributed()
