@@ -438,14 +438,20 @@ def load_problems(source: str, split: str = "train", config: str | None = None, 
     return rows, stats
 
 
-def parse_levels(text: str | None) -> list[int] | None:
-    """'5' -> [5]; '3-5' -> [3, 4, 5]; '1,3' -> [1, 3]; '' or 'all' -> None."""
+def parse_levels(text: str | None, flag: str = "--levels") -> list[int] | None:
+    """'5' -> [5]; '3-5' -> [3, 4, 5]; '1,3-5' -> [1, 3, 4, 5]; '' or 'all' -> None (every level).
+    Anything else is a ValueError naming `flag` and the forms accepted: '7-3' would keep no level, which a
+    filter would read as "all"."""
     if not text or text == "all":
         return None
     out = []
     for part in str(text).split(","):
-        a, _, b = part.partition("-")
-        out += list(range(int(a), int(b or a) + 1))
+        low, dash, high = part.strip().partition("-")
+        if not low.isdigit() or (dash and not high.isdigit()):
+            raise ValueError(f"{flag} {text}: give all, a level (5), a range (3-5) or a list (1,3-5)")
+        if dash and int(high) < int(low):
+            raise ValueError(f"{flag} {text}: a range runs from low to high ({high}-{low})")
+        out += list(range(int(low), int(high or low) + 1))
     return out
 
 

@@ -90,7 +90,8 @@ def close_distributed() -> None:
 
 
 def print0(*args, **kwargs) -> None:
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    """print on rank 0 only (before the process group exists too: torchrun has set RANK)."""
+    if (dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))) == 0:
         print(*args, **kwargs, flush=True)
 
 

@@ -99,34 +99,6 @@ class Args:
     wandb_project: Optional[str] = field(default=None, metadata={"help": "also log to this wandb project"})
 
 
-def validate_args(args: Args, world_size: int) -> None:
-    """Reject impossible settings before anything is loaded, with one clear line."""
-    problems = [
-        (args.chosen not in ("explanation", "expert"), f"--chosen must be explanation or expert, got {args.chosen!r}"),
-        (args.rejected_truncated not in ("skip", "keep"), "--rejected_truncated must be skip or keep"),
-        (args.beta <= 0, f"--beta must be > 0 (beta 0 makes the loss a constant log 2), got {args.beta}"),
-        (args.lr < 0 or args.weight_decay < 0, "--lr and --weight_decay must be >= 0"),
-        (min(args.num_generations, args.num_explanations, args.max_new_tokens, args.gen_batch_size, args.batch_size,
-             args.micro_batch_size, args.eval_num_samples, args.max_bad_steps, args.save_total_limit) < 1,
-         "--num_generations, --num_explanations, --max_new_tokens, --gen_batch_size, --batch_size, --micro_batch_size, "
-         "--eval_num_samples, --max_bad_steps and --save_total_limit must be >= 1"),
-        (min(args.regen_every, args.max_steps, args.save_every, args.eval_every, args.limit, args.eval_limit,
-             args.max_grad_norm) < 0,
-         "--regen_every, --max_steps, --save_every, --eval_every, --limit, --eval_limit and --max_grad_norm must be >= 0"),
-        (args.temperature <= 0, f"--temperature must be > 0 (a wrong CoT is found by sampling), got {args.temperature}"),
-        (args.eval_temperature < 0, "--eval_temperature must be >= 0"),
-        (not 0 <= args.warmup_ratio < 1, "--warmup_ratio must be in [0, 1)"),
-        (args.max_steps == 0 and args.epochs < 1, "give --epochs >= 1 or --max_steps > 0"),
-        (args.batch_size % world_size, f"--batch_size {args.batch_size} must be a multiple of the world size {world_size}"),
-        (not args.batch_size % world_size and (args.batch_size // world_size) % args.micro_batch_size,
-         f"--batch_size {args.batch_size} / world size {world_size} = {args.batch_size // world_size} questions per "
-         f"rank is not divisible by --micro_batch_size {args.micro_batch_size}"),
-        (args.resume and latest_checkpoint(args.output_dir) is None, f"--resume: no checkpoint in {args.output_dir}"),
-    ]
-    reject_bad_args(problems, "expo_dpo.py", args.model, [args.dataset, args.eval_every and args.eval_dataset],
-                    args.output_dir)
-
-
 # ====================================================================================================
 # ALGO LOGIC: pairs, sequence log-probs, the DPO loss. Change these for an ablation.
 # ====================================================================================================
@@ -233,7 +205,7 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
 
 
 # ====================================================================================================
-# PLUMBING: splitting pairs over ranks, reference scoring, gradient accumulation, the loop. Leave alone.
+# Splitting pairs over ranks, reference scoring, gradient accumulation
 # ====================================================================================================
 
 
@@ -300,6 +272,11 @@ def read_pairs(path: str) -> dict[int, dict]:
     return pairs
 
 
+# ====================================================================================================
+# The loop: pairs each round, one optimizer step each step
+# ====================================================================================================
+
+
 def main():
     args = parse_flags(Args, "expo_dpo.py")
     validate_args(args, int(os.environ.get("WORLD_SIZE", 1)))
@@ -307,7 +284,7 @@ def main():
     # offline pairs all come from the initial policy, so its own no-grad pass before training is the reference:
     # no second copy of the model is needed
     run = start_run(args, "expo_dpo.py", default_levels="all", with_answer=args.chosen == "explanation",
-                    reference=online)
+                    reference=online, check_data=lambda used: check_chosen(args, used))
     model, tokenizer, optimizer, scheduler = run.model, run.tokenizer, run.optimizer, run.scheduler
     ref_model = run.ref_model if online else model
     rank, world, device = run.info.rank, run.info.world_size, run.info.device
@@ -400,6 +377,11 @@ def main():
     print0(f"done: {total_steps} steps, model exported to {os.path.join(args.output_dir, 'hf')}")
 
 
+# ====================================================================================================
+# PLUMBING only this trainer has: its metrics and its flag checks. Leave these alone for an ablation.
+# ====================================================================================================
+
+
 def round_metrics(stats: dict, num_generations: int, seconds: float) -> dict:
     """What a round of pair building saw, over all ranks: pairs built and why questions gave none."""
     metrics = {
@@ -412,6 +394,48 @@ def round_metrics(stats: dict, num_generations: int, seconds: float) -> dict:
     if stats["explained"]:
         metrics["expl_verified"] = stats["explanations_verified"] / stats["explained"]
     return metrics
+
+
+def validate_args(args: Args, world_size: int) -> None:
+    """Reject impossible settings before anything is loaded, with one clear line."""
+    problems = [
+        (args.chosen not in ("explanation", "expert"), f"--chosen must be explanation or expert, got {args.chosen!r}"),
+        (args.rejected_truncated not in ("skip", "keep"), "--rejected_truncated must be skip or keep"),
+        (args.beta <= 0, f"--beta must be > 0 (beta 0 makes the loss a constant log 2), got {args.beta}"),
+        (args.lr < 0 or args.weight_decay < 0, "--lr and --weight_decay must be >= 0"),
+        (min(args.num_generations, args.num_explanations, args.max_new_tokens, args.gen_batch_size, args.batch_size,
+             args.micro_batch_size, args.eval_num_samples, args.max_bad_steps, args.save_total_limit) < 1,
+         "--num_generations, --num_explanations, --max_new_tokens, --gen_batch_size, --batch_size, --micro_batch_size, "
+         "--eval_num_samples, --max_bad_steps and --save_total_limit must be >= 1"),
+        (min(args.regen_every, args.max_steps, args.save_every, args.eval_every, args.limit, args.eval_limit,
+             args.max_grad_norm) < 0,
+         "--regen_every, --max_steps, --save_every, --eval_every, --limit, --eval_limit and --max_grad_norm must be >= 0"),
+        (args.temperature <= 0, f"--temperature must be > 0 (a wrong CoT is found by sampling), got {args.temperature}"),
+        (args.eval_temperature < 0, "--eval_temperature must be >= 0"),
+        (not 0 <= args.warmup_ratio < 1, "--warmup_ratio must be in [0, 1)"),
+        (args.max_steps == 0 and args.epochs < 1, "give --epochs >= 1 or --max_steps > 0"),
+        (args.batch_size % world_size, f"--batch_size {args.batch_size} must be a multiple of the world size {world_size}"),
+        (not args.batch_size % world_size and (args.batch_size // world_size) % args.micro_batch_size,
+         f"--batch_size {args.batch_size} / world size {world_size} = {args.batch_size // world_size} questions per "
+         f"rank is not divisible by --micro_batch_size {args.micro_batch_size}"),
+        (args.resume and latest_checkpoint(args.output_dir) is None, f"--resume: no checkpoint in {args.output_dir}"),
+    ]
+    reject_bad_args(problems, "expo_dpo.py", args.model, [args.dataset, args.eval_every and args.eval_dataset],
+                    args.output_dir)
+    if args.chosen == "expert" and args.num_explanations != 1:
+        print0(f"warning: --num_explanations {args.num_explanations} does nothing with --chosen expert")
+
+
+def check_chosen(args: Args, used: list[dict]) -> None:
+    """Before any model: with --chosen expert, the questions the run uses (`used`) have a solution to choose; a run
+    on data without any would build no pair and train nothing."""
+    if args.chosen == "expert":
+        bare = sum(not r.get("solution") for r in used)
+        if bare == len(used):
+            raise ValueError(f"--chosen expert: none of the run's {len(used)} questions has a solution (a worked answer "
+                             "in a `solution` column) to choose: use --chosen explanation or other data")
+        if bare:
+            print0(f"warning: {bare} of the run's {len(used)} questions have no solution: they give no pair")
 
 
 if __name__ == "__main__":

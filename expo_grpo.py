@@ -390,11 +390,9 @@ def probe_positive_signal(model, encode, question_ids, rows, explanations, cot_t
 def main():
     args = parse_flags(Args, "expo_grpo.py")
     validate_args(args, int(os.environ.get("WORLD_SIZE", 1)))
-    explanations_file = args.sft_source == "explanation" and args.explanations not in ("online", "offline")
     run = start_run(args, "expo_grpo.py", resumable=RESUMABLE, default_levels="5",
                     with_answer=args.sft_source == "explanation", reference=args.beta > 0,
-                    updates_per_step=args.num_iterations,
-                    check_data=(lambda used: check_explanations_file(args.explanations, used)) if explanations_file else None)
+                    updates_per_step=args.num_iterations, check_data=lambda used: check_positive_samples(args, used))
     model, ref_model, tokenizer, optimizer, scheduler = run.model, run.ref_model, run.tokenizer, run.optimizer, run.scheduler
     rank, world_size = run.info.rank, run.info.world_size
     G = args.num_generations
@@ -405,7 +403,7 @@ def main():
 
     # offline explanations: by the initial policy (so before a resumed run loads its checkpoint), for the questions
     # this run will see
-    explanation_bank = None  # question -> explanation record, when not sampled online
+    explanation_bank = None  # (question, answer) -> explanation record, when not sampled online
     if args.sft_source == "explanation" and args.explanations != "online":
         if args.explanations == "offline":
             explanation_bank, how = offline_explanations(model, tokenizer, run.used, args)
@@ -416,6 +414,7 @@ def main():
     start_step = run.resume(show=("reward", "solved", "zero_spread", "expl_verified", "sft_used", "sft_loss", "kl",
                                   "grad_norm", "lr", "sample_tok_s", "train_tok_s"))
 
+    cut_said = False
     for step in range(start_step + 1, run.total_steps + 1):
         step_start = time.perf_counter()
         batch = global_batch(run.rows, step, args.batch_size, args.seed)[rank::world_size]
@@ -441,7 +440,7 @@ def main():
             explanations = None
             if args.sft_source == "explanation":
                 explanations = (explanation_records(batch, explanation_out) if online
-                                else [explanation_bank.get(r["question"]) for r in batch])
+                                else [find_explanation(explanation_bank, r) for r in batch])
                 for e, row in zip(explanations, batch):
                     if e is not None and e["verified"] is None:
                         e["verified"] = check_explanation(e["explanation"], row, args)
@@ -487,6 +486,9 @@ def main():
         metrics = step_metrics(out, rewards, solved, explanations, positives, train, decoding, verify_stats, online,
                                t_sample.seconds, t_train.seconds, world_size)
         metrics.update(lr=lr, step_seconds=time.perf_counter() - step_start, **probe)
+        if metrics["truncated"] > 0.5 and not cut_said:  # said once: a run that cuts most answers learns from halves
+            cut_said = print0(f"warning: {100 * metrics['truncated']:.0f}% of step {step}'s completions were cut at "
+                              f"--max_new_tokens {args.max_new_tokens} before an end token") or True
         run.logger.log_samples(step, [
             {"question": batch[i]["question"], "answer": batch[i]["answer"], "completion": out["texts"][i * G],
              "reward": float(rewards[i * G]), **({"explanation": explanations[i] and explanations[i]["explanation"],
@@ -595,6 +597,27 @@ def validate_args(args: Args, world_size: int) -> None:
     ]
     reject_bad_args(problems, "expo_grpo.py", args.model, [args.dataset, args.eval_every and args.eval_dataset],
                     args.output_dir)
+    ignored = {"none": ("sft_coef", "sft_on", "explanations"), "expert": ("explanations",)}.get(args.sft_source, ())
+    given = [f"--{k} {getattr(args, k)}" for k in ignored if getattr(args, k) != Args.__dataclass_fields__[k].default]
+    if given:
+        print0(f"warning: {', '.join(given)} {'does' if len(given) == 1 else 'do'} nothing with --sft_source "
+               f"{args.sft_source}")
+
+
+def check_positive_samples(args: Args, used: list[dict]) -> int | None:
+    """Before any model: the positive samples the arm trains on exist for the questions it uses (`used`). An expert
+    arm on data without solutions would be plain GRPO without a word: a ValueError when no question has one, a
+    warning with the count when some lack one. Returns how many questions an --explanations file explains."""
+    if args.sft_source == "expert":
+        bare = sum(not r.get("solution") for r in used)
+        if bare == len(used):
+            raise ValueError(f"--sft_source expert: none of the run's {len(used)} questions has a solution (a worked "
+                             "answer in a `solution` column) to train on: use --sft_source explanation or other data")
+        if bare:
+            print0(f"warning: {bare} of the run's {len(used)} questions have no solution: they get no SFT term")
+    if args.sft_source == "explanation" and args.explanations not in ("online", "offline"):
+        return check_explanations_file(args.explanations, used)
+    return None
 
 
 def check_explanations_file(path: str, rows: list[dict]) -> int:
@@ -621,9 +644,10 @@ def check_explanations_file(path: str, rows: list[dict]) -> int:
 
 
 def explanation_cache_path(args: Args, tokenizer) -> str:
-    """CACHE_DIR/explanations/KEY.jsonl, KEY a hash of what decides an explanation: the model (its name and
-    the files of its directory), the explanation prompt, the sampling settings. Records are kept per
-    question, so every arm and seed of the same model finds the explanations of the questions it uses."""
+    """CACHE_DIR/explanations/KEY.jsonl, KEY a hash of what decides an explanation besides its question and gold
+    answer: the model (its name and the files of its directory), the explanation prompt, the sampling settings.
+    Records are kept per (question, answer), so every arm and seed of the same model finds the explanations of
+    the questions it uses, and a question whose gold answer changed (a data file mended) gets a new one."""
     path = resolve_model_path(args.model)
     files = sorted((f, os.path.getsize(os.path.join(path, f)), os.path.getmtime(os.path.join(path, f)))
                    for f in os.listdir(path)) if os.path.isdir(path) else []
@@ -632,8 +656,9 @@ def explanation_cache_path(args: Args, tokenizer) -> str:
     return os.path.join(CACHE_DIR, "explanations", hashlib.sha256(key.encode()).hexdigest()[:16] + ".jsonl")
 
 
-def read_explanations(path: str, tokenizer) -> dict[str, dict]:
-    """question -> record {question, explanation, completion_ids, verified (None: check at use), ...}.
+def read_explanations(path: str, tokenizer) -> dict[tuple, dict]:
+    """(question, answer) -> record {question, answer, explanation, completion_ids, verified (None: check at use)}.
+    A record without an answer (a file from elsewhere may have none) is keyed (question, None).
 
     A record written here keeps the ids that were sampled (EOS only if it was sampled); a record with text
     only (an explanation set from elsewhere: a complete answer) is tokenised once, plus EOS.
@@ -645,8 +670,14 @@ def read_explanations(path: str, tokenizer) -> dict[str, dict]:
     explanations = {}
     for r in records:
         ids_r = r["completion_ids"] if "completion_ids" in r else next(ids) + [tokenizer.eos_token_id]
-        explanations.setdefault(r["question"], {**r, "completion_ids": ids_r, "verified": r.get("verified")})
+        explanations.setdefault((r["question"], r.get("answer")),
+                                {**r, "completion_ids": ids_r, "verified": r.get("verified")})
     return explanations
+
+
+def find_explanation(explanations: dict, row: dict) -> dict | None:
+    """The explanation of `row`'s question written for its gold answer, or one written for no stated answer."""
+    return explanations.get((row["question"], row["answer"])) or explanations.get((row["question"], None))
 
 
 def offline_explanations(model, tokenizer, rows: list[dict], args: Args) -> tuple[dict, str]:
@@ -669,7 +700,7 @@ def offline_explanations(model, tokenizer, rows: list[dict], args: Args) -> tupl
         lock.acquire()
     gather_objects(None)  # the other ranks wait for the lock too
     cached = read_explanations(path, tokenizer) if os.path.exists(path) else {}
-    missing = list({r["question"]: r for r in rows if r["question"] not in cached}.values())
+    missing = list({key: r for r in rows if (key := (r["question"], r["answer"])) not in cached}.values())
     mine = missing[rank::world]
     seeds = [int.from_bytes(hashlib.sha256(r["question"].encode()).digest()[:8], "little") for r in mine]
     out = sample(model, tokenizer, [explanation_prompt(tokenizer, r["question"], r["answer"]) for r in mine],
@@ -680,7 +711,7 @@ def offline_explanations(model, tokenizer, rows: list[dict], args: Args) -> tupl
         with open(path, "a") as f:
             f.writelines(json.dumps({k: v for k, v in rec.items() if k != "verified"}) + "\n" for rec in new)
         lock.release()
-    cached.update({rec["question"]: rec for rec in new})
+    cached.update({(rec["question"], rec["answer"]): rec for rec in new})
     return cached, f"{len(rows) - len(missing)} cached, {len(missing)} sampled now -> {path}"
 
 

@@ -17,6 +17,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -127,6 +128,9 @@ def load_run_data(args, tokenizer, default_levels: str = "all", with_answer: boo
     --max_new_tokens do not fit in the model's context is skipped and counted (`prompt_fits`).
     Raises ValueError (or OSError) with one line.
     """
+    if args.eval_every and not args.eval_dataset and os.path.isfile(args.dataset):
+        raise ValueError(f"--eval_every: the local file {args.dataset} has no test split, so the evaluation would be on "
+                         "the training questions: give held-out questions with --eval_dataset FILE")
     context = context_length(args.model)
     rows, stats = load_problems(args.dataset, args.split, args.dataset_config, parse_levels(args.levels or default_levels),
                                 args.limit or None, args.seed, levels_flag=f"--levels {args.levels}" if args.levels else None,
@@ -135,7 +139,7 @@ def load_run_data(args, tokenizer, default_levels: str = "all", with_answer: boo
         raise ValueError(f"{len(rows)} training questions ({dict(stats)}) cannot fill --batch_size {args.batch_size}")
     eval_rows = load_problems(args.eval_dataset or args.dataset, args.eval_split, seed=args.seed,
                               config=None if args.eval_dataset else args.dataset_config, limit=args.eval_limit or None,
-                              levels=parse_levels(args.eval_levels),
+                              levels=parse_levels(args.eval_levels, "--eval_levels"),
                               fits=prompt_fits(tokenizer, context, args.max_new_tokens, False))[0] if args.eval_every else []
     return rows, eval_rows, dict(stats)
 
@@ -266,16 +270,23 @@ def launch(main, script: str) -> None:
     """Run a script's `main` under torchrun or plain python, and leave the process group once it is done.
 
     Ctrl-C is one line, not a traceback from every rank: rank 0 says where the run stopped, its newest complete
-    checkpoint and the command that continues it; every rank exits 130 at once (a collective in flight would
-    otherwise wait for ranks that are gone).
+    checkpoint and the command that continues it, and every rank exits 130 at once, from the signal handler, so
+    that no rank waits in a collective for a peer that is gone and no half-written checkpoint is finished.
     """
-    try:
-        main()
-    except KeyboardInterrupt:
+    def on_ctrl_c(signum, frame):
         if int(os.environ.get("RANK", 0)) == 0:
             print(interrupt_line(script), file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(130)
+
+    signal.signal(signal.SIGINT, on_ctrl_c)
+    try:
+        main()
+    except BaseException:
+        # a peer that stopped on Ctrl-C first can break this rank's collective (gloo: "Connection reset") before
+        # this rank's own handler ran: give the handler its turn, so that this rank exits quietly too
+        time.sleep(0.5)
+        raise
     close_distributed()
 
 
@@ -442,6 +453,8 @@ def _take_folder(args, rows: list[dict], script: str, resumable: frozenset) -> s
         except (OSError, ValueError):
             raise ValueError(f"--resume: {out} has no readable run_config.json (missing or damaged), so what it would "
                              "continue cannot be checked: start over with --overwrite_output_dir") from None
+        if saved.get("script") != script:
+            raise ValueError(f"--resume: {out} holds an {saved.get('script')} run: resume it with {saved.get('script')}")
         differ = resume_differences(saved, config, resumable)
         if differ:
             raise ValueError(f"--resume: the run in {out} has other settings (its -> given): {'; '.join(differ)}. "

@@ -52,7 +52,6 @@ def worker(a) -> None:
     import torch
 
     import common
-
     import engine
     import toy  # noqa: F401  (registers the tiny model and the synthetic data)
 

@@ -15,9 +15,7 @@ import pytest
 from conftest import ENV, ROOT, SHARED_DATA, math_rows, read_jsonl, run_torchrun, write_jsonl
 
 import common
-
 import engine
-
 import runs
 
 TINY = ["--model", "tiny", "--dataset", "synthetic", "--batch_size", "4"]

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import common
-
 import engine
 import toy
 from conftest import SHARED_DATA, run_torchrun

@@ -12,7 +12,6 @@ import torch
 from conftest import read_jsonl, run_torchrun
 
 import common
-
 import engine
 import toy
 import expo_grpo
@@ -231,9 +230,12 @@ def test_read_explanations_tokenises_text_once_and_appends_eos(tmp_path, tiny):
     path = tmp_path / "e.jsonl"
     path.write_text(json.dumps({"question": "q1", "explanation": "so \\boxed{3}", "verified": 1.0}) + "\n"
                     + json.dumps({"question": "q2", "explanation": "so \\boxed{4}"}) + "\n")
-    bank = expo_grpo.read_explanations(str(path), tokenizer)
-    assert bank["q1"]["completion_ids"] == tokenizer("so \\boxed{3}", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    assert bank["q1"]["verified"] == 1.0 and bank["q2"]["verified"] is None  # checked against the gold answer at use
+    found = expo_grpo.read_explanations(str(path), tokenizer)
+    assert found[("q1", None)]["completion_ids"] == tokenizer("so \\boxed{3}", add_special_tokens=False)["input_ids"] + [
+        tokenizer.eos_token_id]
+    assert found[("q1", None)]["verified"] == 1.0 and found[("q2", None)]["verified"] is None  # checked at use
+    # a record without an answer serves its question whatever the gold; one with an answer only that answer
+    assert expo_grpo.find_explanation(found, {"question": "q1", "answer": "3"}) is found[("q1", None)]
 
 
 # ----------------------------------------------------------------------------------------------------

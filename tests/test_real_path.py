@@ -14,7 +14,6 @@ import torch
 from conftest import ROOT, gsm8k_rows, math_rows, run_torchrun, write_jsonl
 
 import common
-
 import engine
 import expo_dpo
 import expo_grpo
@@ -192,9 +191,9 @@ def test_offline_explanations_keep_sampled_ids(tmp_path, hub_path):
         {"question": "cut", "explanation": "so", "completion_ids": [80, 81], "verified": 0.0},  # truncated: no EOS
         {"question": "from elsewhere", "explanation": "so \\boxed{3}"},  # text only: a complete answer
     ])
-    bank = expo_grpo.read_explanations(path, tokenizer)
-    assert bank["cut"]["completion_ids"] == [80, 81]
-    assert bank["from elsewhere"]["completion_ids"] == tokenizer("so \\boxed{3}", add_special_tokens=False)[
+    found = expo_grpo.read_explanations(path, tokenizer)
+    assert found[("cut", None)]["completion_ids"] == [80, 81]
+    assert found[("from elsewhere", None)]["completion_ids"] == tokenizer("so \\boxed{3}", add_special_tokens=False)[
         "input_ids"] + [tokenizer.eos_token_id]
 
 

@@ -21,7 +21,6 @@ import torch
 from safetensors.torch import load_file
 
 import common
-
 import runs
 import toy
 from conftest import ENV, ROOT, free_port, read_jsonl, torchrun_cmd

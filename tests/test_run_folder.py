@@ -17,7 +17,6 @@ import pytest
 from conftest import ENV, ROOT, math_rows, read_jsonl, torchrun_cmd, write_jsonl
 
 import common
-
 import runs
 
 LR = 1e-3

@@ -15,9 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import common
-
 import engine
-
 import runs
 import toy
 from conftest import ROOT, run_torchrun

@@ -10,9 +10,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 import common
-
 import engine
-
 import runs
 import toy  # noqa: F401  (registers --model tiny)
 

@@ -13,7 +13,6 @@ import sys
 import torch
 
 import common
-
 import engine
 import toy  # noqa: F401  (registers --model tiny)
 
