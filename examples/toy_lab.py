@@ -3,19 +3,21 @@
 The world (toy.py): n-digit addition with a digit-by-digit chain of thought, and a 3-layer character-level base
 model that solves 1-3 digit sums, few or no 5-6 digit ones, but explains those when shown the answer. Every run
 here is `expo_grpo.py`, `expo_dpo.py` or `eval.py` with flags; this file only chooses the flags, runs them two at
-a time (one core each) and reads their metrics. One recipe per algorithm (GRPO_RECIPE, DPO_RECIPE), fixed before
-any verdict was read; the arms differ only in the flags that define them.
+a time (one core each) and reads their metrics. One recipe per algorithm (GRPO_RECIPE, DPO_RECIPE; their lr and beta
+chosen by `calibrate` on plain GRPO), fixed before any verdict was read; the arms differ only in the flags that define
+them.
 
     python examples/toy_lab.py            # quick: the shipped base, ExP-GRPO vs expert SFT vs GRPO, one cell at G 4
-    python examples/toy_lab.py full       # every part on 3 base builds x 2 RL seeds, then the claims table
+    python examples/toy_lab.py calibrate  # choose the recipes' lr and beta on plain GRPO (OUT/calibration.json)
+    python examples/toy_lab.py full       # calibrate, then every part on 3 base builds x 2 RL seeds, the claims table
     python examples/toy_lab.py grpo|dpo|table3|coef|probe   # one part (on the cells of BUILD_SEEDS x RL_SEEDS)
     python examples/toy_lab.py claims     # the claims table of what OUT holds, no training
 
 Knobs (environment): OUT, BUILD_SEEDS, RL_SEEDS, STEPS, BUILD_STEPS, EVAL_EVERY, EVAL_LIMIT, FINAL_LIMIT, JOBS,
 GENERATIONS (the GRPO arms' G: 8, the recipe's, except in the quick run), and ARMS (run these arms instead of the
 part's, e.g. ARMS="grpo expo").
-Writes OUT/b{build}/{arm}_r{seed}/ (run folders), OUT/b{build}/eval_{trained}_r{seed}/ (tables by level),
-OUT/claims.json and OUT/claims.md.
+Writes OUT/b{build}/{arm}_r{seed}/ (run folders), OUT/b{build}/eval/ (tables by level), OUT/claims.json and
+OUT/claims.md; calibrate writes OUT/calibration/ (its runs), OUT/calibration.json and OUT/calibration.md.
 """
 
 from __future__ import annotations
@@ -35,15 +37,18 @@ sys.path.insert(0, ROOT)
 # The recipes and the arms
 # ----------------------------------------------------------------------------------------------------
 
+# The recipes' learning rates and GRPO's KL beta, and the calibration they came from: `calibrate` chooses them on the
+# plain GRPO baseline (issue 25), and `full` runs with its own calibration's choice. These predate any calibration.
+RECIPE_LR = {"from": "none (the recipe before issue 25)", "grpo_lr": 2e-3, "grpo_beta": 0.0, "dpo_lr": 2e-3}
 # ExP-GRPO and its baselines: 100 steps of 32 questions, G 8 (set by knobs' GENERATIONS: 4 in the quick run), T 1,
-# lr 2e-3, beta 0, lambda 0.04; greedy held-out accuracy on EVAL_LIMIT 5-6 digit sums every EVAL_EVERY steps.
+# lr and beta of RECIPE_LR, lambda 0.04; greedy held-out accuracy on EVAL_LIMIT 5-6 digit sums every EVAL_EVERY steps.
 # 64 new tokens: the longest expert style (columns, 6 digits) is 58 tokens with its end token.
-GRPO_RECIPE = ["--batch_size", "32", "--temperature", "1.0", "--lr", "2e-3", "--beta", "0",
+GRPO_RECIPE = ["--batch_size", "32", "--temperature", "1.0",
                "--sft_coef", "0.04", "--max_new_tokens", "64", "--micro_batch_size", "128", "--gen_batch_size", "256",
                "--no_gradient_checkpointing", "--save_every", "0", "--probe_every", "0", "--log_samples", "1"]
-# ExP-DPO: the same data, batch, sampling and optimizer; the paper's DPO beta 0.1; 4 CoTs per question to find a
-# wrong one; online rebuilds the pairs every 10 steps.
-DPO_RECIPE = ["--batch_size", "32", "--num_generations", "4", "--temperature", "1.0", "--lr", "2e-3", "--beta", "0.1",
+# ExP-DPO: the same data, batch, sampling and optimizer (lr: RECIPE_LR's); the paper's DPO beta 0.1; 4 CoTs per
+# question to find a wrong one; online rebuilds the pairs every 10 steps.
+DPO_RECIPE = ["--batch_size", "32", "--num_generations", "4", "--temperature", "1.0", "--beta", "0.1",
               "--max_new_tokens", "64", "--micro_batch_size", "32", "--gen_batch_size", "256",
               "--no_gradient_checkpointing", "--save_every", "0"]
 HARD, ALL = "5-6", "1-6"
@@ -100,7 +105,7 @@ def knobs(mode: str) -> dict:
             "eval_every": int(os.environ.get("EVAL_EVERY", 25 if full else 50)),
             "eval_limit": int(os.environ.get("EVAL_LIMIT", 200)), "final_limit": int(os.environ.get("FINAL_LIMIT", 600)),
             # quick: its four runs at once (one thread each): two cores finish them sooner than two at a time
-            "jobs": int(os.environ.get("JOBS", 2 if full else 4)), "shipped": not full}
+            "jobs": int(os.environ.get("JOBS", 2 if full else 4)), "shipped": not full, "recipe": RECIPE_LR}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -112,13 +117,38 @@ def run_command(arm: str, base: str, seed: int, out_dir: str, k: dict) -> list[s
     if arm in PROBES:
         return ["expo_grpo.py", *GRPO_RECIPE, *common_flags, "--dataset", PROBES[arm], "--split", "test",
                 "--levels", HARD, "--batch_size", "128", "--num_generations", "2", "--max_steps", "1", "--lr", "0",
-                "--probe_every", "1", "--probe_answer_logprob", "--log_samples", "128"]
+                "--beta", "0", "--probe_every", "1", "--probe_answer_logprob", "--log_samples", "128"]
     script, flags = ARMS[arm]
-    recipe = GRPO_RECIPE + ["--num_generations", str(k["generations"])] if script == "expo_grpo.py" else DPO_RECIPE
+    r = k["recipe"]
+    recipe = (GRPO_RECIPE + ["--lr", f"{r['grpo_lr']:g}", "--beta", f"{r['grpo_beta']:g}", "--num_generations",
+                             str(k["generations"])] if script == "expo_grpo.py" else DPO_RECIPE + ["--lr", f"{r['dpo_lr']:g}"])
     dataset = [] if "--dataset" in flags else ["--dataset", "addition"]
     return [script, *recipe, *common_flags, *dataset, "--max_steps", str(k["steps"]), "--eval_every",
             str(k["eval_every"]), "--eval_levels", HARD, "--eval_limit", str(k["eval_limit"]), "--eval_num_samples", "1",
             "--eval_temperature", "0", *flags]
+
+
+def train_job(argv: list[str], out_dir: str, steps: int) -> list:
+    """[job], or [] when out_dir holds a finished run; an unfinished one (the lab's own folder) starts over."""
+    if finished(out_dir, steps):
+        return []
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return [(argv, out_dir + ".log", out_dir)]
+
+
+def eval_job(model: str, out_dir: str, k: dict) -> list:
+    """eval.py by level on FINAL_LIMIT held-out sums of 1-6 digits, greedy: [job], or [] when out_dir has its table."""
+    if os.path.exists(os.path.join(out_dir, "eval.json")):
+        return []
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return [(["eval.py", "--model", model, "--dataset", "addition", "--levels", ALL, "--limit", str(k["final_limit"]),
+              "--num_samples", "1", "--temperature", "0", "--max_new_tokens", "64", "--gen_batch_size", "256",
+              "--output_dir", out_dir], out_dir + ".log", out_dir)]
+
+
+def levels(out_dir: str) -> dict[str, float]:
+    """Accuracy by level (\"1\"..\"6\") of eval.py's table in out_dir."""
+    return {str(lv): s["accuracy"] for lv, s in json.load(open(os.path.join(out_dir, "eval.json")))["by_level"].items()}
 
 
 def finished(out_dir: str, steps: int) -> bool:
@@ -172,7 +202,9 @@ def lab(mode: str, k: dict) -> None:
     unknown = [a for a in arms if a not in ARMS and a not in PROBES]
     if unknown:
         raise SystemExit(f"toy_lab: unknown arm(s) {' '.join(unknown)}; the arms: {' '.join([*ARMS, *PROBES])}")
+    r = k["recipe"]
     print(f"toy lab {mode}: {len(arms)} runs x {len(k['builds'])} base builds x {len(k['seeds'])} RL seeds -> {k['out']} "
+          f"| GRPO lr {r['grpo_lr']:g} beta {r['grpo_beta']:g}, DPO lr {r['dpo_lr']:g} (calibration: {r['from']}) "
           f"| {machine()}, {k['jobs']} at a time", flush=True)
     bases = {b: build_base(b, k) for b in k["builds"]}
     jobs = []
@@ -180,11 +212,7 @@ def lab(mode: str, k: dict) -> None:
         for seed in k["seeds"]:
             for arm in arms:
                 out_dir = os.path.join(k["out"], f"b{b}", f"{arm}_r{seed}")
-                steps = 1 if arm in PROBES else k["steps"]
-                if finished(out_dir, steps):
-                    continue
-                shutil.rmtree(out_dir, ignore_errors=True)  # the lab's own folder: an unfinished run starts over
-                jobs.append((run_command(arm, base, seed, out_dir, k), out_dir + ".log", f"b{b}/{arm}_r{seed}"))
+                jobs += train_job(run_command(arm, base, seed, out_dir, k), out_dir, 1 if arm in PROBES else k["steps"])
     # the offline explanations are sampled once per base, by the first run that needs them: start those first
     jobs.sort(key=lambda j: "--sft_source" not in j[0] or "explanation" not in j[0])
     run_all(jobs, k["jobs"], start)
@@ -194,13 +222,7 @@ def lab(mode: str, k: dict) -> None:
                                      for s in k["seeds"] for a in sum(TABLES.values(), [])
                                      if a in arms and finished(os.path.join(k["out"], f"b{b}", f"{a}_r{s}"), k["steps"])]
         for name, model in models:
-            out_dir = os.path.join(k["out"], f"b{b}", "eval", name)
-            if not os.path.exists(os.path.join(out_dir, "eval.json")):
-                shutil.rmtree(out_dir, ignore_errors=True)
-                evals.append((["eval.py", "--model", model, "--dataset", "addition", "--levels", ALL, "--limit",
-                               str(k["final_limit"]), "--num_samples", "1", "--temperature", "0", "--max_new_tokens",
-                               "64", "--gen_batch_size", "256", "--output_dir", out_dir], out_dir + ".log",
-                              f"b{b}/eval/{name}"))
+            evals += eval_job(model, os.path.join(k["out"], f"b{b}", "eval", name), k)
     run_all(evals, k["jobs"], start)
     report(k)
     print(f"total {time.time() - start:.0f}s | {machine()}, {k['jobs']} at a time")
@@ -208,7 +230,7 @@ def lab(mode: str, k: dict) -> None:
 
 def machine() -> str:
     """Every timing this lab prints is of this machine: its CPU and cores, and how the runs share them."""
-    from common import machine_line
+    from runs import machine_line
 
     return f"{machine_line().split(', torch threads')[0]}, one thread per run"
 
@@ -246,10 +268,8 @@ def cell_figures(out: str, b: int, seed: int) -> dict:
         f["step_win_rate"] = sum(1.0 if e > c else 0.5 if e == c else 0.0 for e, c in wins) / len(wins)
     for table, trained in TABLES.items():
         for name, run in [("base", "base")] + [(a, f"{a}_r{seed}") for a in trained]:
-            path = os.path.join(d, "eval", run, "eval.json")
-            if os.path.exists(path):
-                by_level = json.load(open(path))["by_level"]
-                f[f"{table}/{name}/levels"] = {str(lv): s["accuracy"] for lv, s in by_level.items()}
+            if os.path.exists(os.path.join(d, "eval", run, "eval.json")):
+                f[f"{table}/{name}/levels"] = levels(os.path.join(d, "eval", run))
     if os.path.exists(os.path.join(d, "base.json")):
         f["base/hard_solve"] = json.load(open(os.path.join(d, "base.json")))["hard_solve"]
     return f
@@ -397,14 +417,131 @@ def report(k: dict) -> list[dict]:
     return result
 
 
+# ----------------------------------------------------------------------------------------------------
+# The calibration (issue 25): the recipes' lr and beta, by a criterion fixed before any claim was read, on plain GRPO
+# ----------------------------------------------------------------------------------------------------
+
+# scan order: lr from the largest down, the paper's beta 0.04 before 0; on the development bases (build 3 stays
+# unseen), RL seed 0. A base's "kept" levels, those it solves at >= KEEP, must stay within SLACK of it.
+CALIBRATION = {"lrs": [1e-3, 5e-4, 3e-4, 2e-4, 1e-4, 5e-5], "betas": [0.04, 0.0], "builds": [0, 1, 2]}
+KEEP, SLACK = 0.8, 0.05
+CRITERION = ("(a) plain GRPO on 5-6 digits keeps every level the base solves at >= 80 % within 5 points; (b) so does "
+             "plain GRPO on 1-6 digits, and its mean reward over its last 20 steps is >= that over its first 10")
+
+
+def criterion(base: dict, hard: dict, all_: dict, rewards: list[float]) -> dict:
+    """CRITERION on one base (it may stall, it must not forget; it learns what it can sample). base, hard, all_: accuracy
+    by level of the base, the 5-6 run and the 1-6 run; rewards: the 1-6 run's training reward, step by step."""
+    kept = [lv for lv in base if base[lv] >= KEEP]
+    keeps = lambda run: all(run[lv] >= base[lv] - SLACK - 1e-9 for lv in kept)  # noqa: E731 (1e-9: float rounding)
+    first, last = statistics.mean(rewards[:10]), statistics.mean(rewards[-20:])
+    a, b = keeps(hard), keeps(all_) and last >= first
+    return {"kept": kept, **{name: [run[lv] for lv in kept] for name, run in (("base", base), ("hard", hard), ("all", all_))},
+            "reward_first10": first, "reward_last20": last, "a": a, "b": b, "pass": a and b}
+
+
+def candidate_figures(out: str, b: int, lr: float, beta: float) -> dict | None:
+    """criterion's figures from the run folders (the base's table is the lab's); None until every table is there."""
+    d = os.path.join(out, "calibration", f"b{b}", f"lr{lr:g}_beta{beta:g}")
+    tables = [os.path.join(out, f"b{b}", "eval", "base"), os.path.join(d, "hard", "eval"), os.path.join(d, "all", "eval")]
+    if not all(os.path.exists(os.path.join(t, "eval.json")) for t in tables):
+        return None
+    return criterion(*map(levels, tables), [r["reward"] for r in read_rows(os.path.join(d, "all"))])
+
+
+def choose(candidates: list[dict], builds: list[int]) -> dict:
+    """candidates: {"lr", "beta", "bases": {build: criterion's figures}} (none for a base it did not reach). The choice:
+    the first in scan order passing on every base (the largest lr; at it beta 0.04 if it passes, else 0), DPO at GRPO's
+    lr / 6 (the paper's 5e-7 against 3e-6). None passing: the closest, with the most (a) and (b) passed over its bases
+    (ties to the larger lr)."""
+    order = sorted(candidates, key=lambda c: (-c["lr"], -c["beta"]))
+    passed = [c for c in order if all(b in c["bases"] and c["bases"][b]["pass"] for b in builds)]
+    if passed:
+        lr, beta = passed[0]["lr"], passed[0]["beta"]
+        return {"choice": {"grpo_lr": lr, "grpo_beta": beta, "dpo_lr": lr / 6,
+                           "dpo_beta": float(DPO_RECIPE[DPO_RECIPE.index("--beta") + 1])}, "closest": None}
+    checks = lambda c: sum(f["a"] + f["b"] for f in c["bases"].values())  # noqa: E731
+    best = max(order, key=checks, default=None)  # max keeps the first of equals: the larger lr
+    return {"choice": None, "closest": best and {"lr": best["lr"], "beta": best["beta"], "checks": checks(best)}}
+
+
+def calibrate(k: dict) -> dict | None:
+    """The scan, resumable (finished runs and tables are kept); writes OUT/calibration.json and .md. Returns the
+    recipes' lr and beta, or None when no candidate passes."""
+    start, out, builds = time.time(), k["out"], CALIBRATION["builds"]
+    print(f"toy lab calibrate: plain GRPO, lr {CALIBRATION['lrs']} x beta {CALIBRATION['betas']}, base builds {builds}, "
+          f"RL seed 0, {k['steps']} steps, G {k['generations']} -> {out} | {machine()}, {k['jobs']} at a time", flush=True)
+    bases, candidates = {}, []
+    for lr, beta in [(lr, beta) for lr in CALIBRATION["lrs"] for beta in CALIBRATION["betas"]]:
+        candidates.append({"lr": lr, "beta": beta, "bases": {}})
+        ck = {**k, "recipe": {**k["recipe"], "grpo_lr": lr, "grpo_beta": beta}, "eval_every": 0}  # eval.py judges
+        for b in builds:  # on to the next base only once it passes on this one
+            bases[b] = bases.get(b) or build_base(b, k)
+            d = os.path.join(out, "calibration", f"b{b}", f"lr{lr:g}_beta{beta:g}")
+            runs = {os.path.join(d, "hard"): "grpo", os.path.join(d, "all"): "grpo_all"}
+            run_all([j for run, arm in runs.items() for j in train_job(run_command(arm, bases[b], 0, run, ck), run,
+                                                                       k["steps"])], k["jobs"], start)
+            run_all(eval_job(bases[b], os.path.join(out, f"b{b}", "eval", "base"), k) +
+                    [j for run in runs for j in eval_job(os.path.join(run, "hf"), os.path.join(run, "eval"), k)],
+                    k["jobs"], start)
+            f = candidates[-1]["bases"][b] = candidate_figures(out, b, lr, beta)
+            print(f"{d}: {'passes' if f['pass'] else 'fails'} ((a) {f['a']}, (b) {f['b']}) at {time.time() - start:.0f}s",
+                  flush=True)
+            if not f["pass"]:
+                break
+        if (decision := choose(candidates, builds))["choice"]:
+            break
+    result = {"criterion": CRITERION, "builds": builds, "steps": k["steps"], "generations": k["generations"],
+              "final_limit": k["final_limit"], **decision,
+              "candidates": [{**c, "pass": bool(choose([c], builds)["choice"])} for c in candidates]}
+    if choice := decision["choice"]:  # reported, not chosen by: offline ExP-DPO at that lr on the first base, and the
+        # chosen response's log-prob at its first step with pairs against its last (likelihood displacement)
+        run = os.path.join(out, "calibration", f"b{builds[0]}", f"dpo_expl_offline_lr{choice['dpo_lr']:.3g}")
+        run_all(train_job(run_command("dpo_expl_offline", bases[builds[0]], 0, run, {
+            **k, "recipe": {**k["recipe"], "dpo_lr": choice["dpo_lr"]}}), run, k["steps"]), k["jobs"], start)
+        chosen = [r["logps_chosen"] for r in read_rows(run) if "logps_chosen" in r]
+        result["dpo_logps_chosen_first_last"] = [chosen[0], chosen[-1]] if chosen else None
+    table = calibration_table(result)
+    for name, text in (("calibration.json", json.dumps(result, indent=1)), ("calibration.md", table)):
+        with open(os.path.join(out, name), "w") as fh:
+            fh.write(text + "\n")
+    print(f"\n{table}\n\n-> {os.path.join(out, 'calibration.json')}\ntotal {time.time() - start:.0f}s | {machine()}, "
+          f"{k['jobs']} at a time", flush=True)
+    return choice and {"from": os.path.join(out, "calibration.json"), **choice}
+
+
+def calibration_table(r: dict) -> str:
+    pct = lambda accs: "/".join(f"{100 * a:.0f}" for a in accs) or "-"  # noqa: E731
+    yes = lambda x: "yes" if x else "no"  # noqa: E731
+    lines = [(f"Plain GRPO, {r['steps']} steps, G {r['generations']}, RL seed 0; greedy accuracy (%) on {r['final_limit']} "
+              f"held-out sums, at the levels kept. {r['criterion']}."), "",
+             ("| GRPO lr | beta | base | levels kept | base | trained on 5-6 | trained on 1-6 | reward: first 10, last 20 "
+              "| (a) | (b) | passes on this base | on all |"), "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {c['lr']:g} | {c['beta']:g} | {b} | {','.join(f['kept']) or '-'} | {pct(f['base'])} | {pct(f['hard'])} | "
+              f"{pct(f['all'])} | {f['reward_first10']:.4f}, {f['reward_last20']:.4f} | {yes(f['a'])} | {yes(f['b'])} | "
+              f"{yes(f['pass'])} | {yes(c['pass'])} |" for c in r["candidates"] for b, f in c["bases"].items()]
+    ch, cl, dpo = r["choice"], r["closest"], r.get("dpo_logps_chosen_first_last")
+    lines.append(f"\nChoice: GRPO lr {ch['grpo_lr']:g}, beta {ch['grpo_beta']:g}; DPO lr {ch['dpo_lr']:.3g} (GRPO's / 6), "
+                 f"beta {ch['dpo_beta']:g}." if ch else f"\nNo candidate passes on every base; the closest: lr {cl['lr']:g}, "
+                 f"beta {cl['beta']:g} ({cl['checks']} of the (a) and (b) checks passed). The lab stops here.")
+    if dpo:
+        lines.append(f"Offline ExP-DPO at that lr on base {r['builds'][0]} (reported, not chosen by): the chosen log-prob "
+                     f"{dpo[0]:.1f} at its first step with pairs, {dpo[1]:.1f} at its last.")
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> None:
     mode = argv[0] if argv else "quick"
-    if mode not in PARTS and mode != "claims":
-        raise SystemExit(f"toy_lab: unknown part {mode!r}; choose from {', '.join([*PARTS, 'claims'])}")
+    if mode not in PARTS and mode not in ("claims", "calibrate"):
+        raise SystemExit(f"toy_lab: unknown part {mode!r}; choose from {', '.join([*PARTS, 'calibrate', 'claims'])}")
     k = knobs(mode)
+    if mode in ("calibrate", "full"):  # the full lab runs on its own calibration's choice, and not without one
+        k["recipe"] = calibrate(k)
+        if k["recipe"] is None:
+            sys.exit(1)
     if mode == "claims":
         report(k)
-    else:
+    elif mode != "calibrate":
         lab(mode, k)
 
 

@@ -158,3 +158,128 @@ def test_each_part_runs_alone_on_a_tiny_budget(tmp_path, part, lab_cache):
     runs = {a for a in toy_lab.PARTS[part]}
     assert all(os.path.exists(tmp_path / "lab" / "b0" / f"{a}_r0" / "metrics.jsonl") for a in runs)
     assert os.path.exists(tmp_path / "lab" / "claims.json")
+
+
+# ----------------------------------------------------------------------------------------------------
+# calibrate: the criterion and the choice from fixed run folders (no training: the runs are there, finished)
+# ----------------------------------------------------------------------------------------------------
+
+BASE = dict(zip(LEVELS, [1.0, 0.94, 0.89, 0.0, 0.0, 0.0]))  # kept levels: 1, 2, 3
+RISING, FALLING = [0.5] * 10 + [0.0] * 10 + [0.6] * 20, [0.5] * 20 + [0.45] * 20  # 40 steps: first 10, last 20
+OUTCOMES = {  # on one base: (trained on 5-6, trained on 1-6, the 1-6 run's rewards)
+    "pass": ({**BASE, "1": 0.98, "2": 0.89, "3": 0.84}, {**BASE, "4": 0.3}, RISING),  # 2 and 3: exactly 5 points down
+    "a": ({**BASE, "2": 0.88}, BASE, RISING),  # the 5-6 run forgets 2 digits by 6 points
+    "b": (BASE, {**BASE, "1": 0.5}, RISING),  # the 1-6 run forgets 1 digit
+    "reward": (BASE, BASE, FALLING),  # the 1-6 run keeps the levels but its reward does not rise
+}
+
+
+def write_candidate(out, b, lr, beta, outcome):
+    hard, all_, rewards = OUTCOMES[outcome]
+    write_eval(out / f"b{b}", "base", BASE)
+    d = out / "calibration" / f"b{b}" / f"lr{lr:g}_beta{beta:g}"
+    for part, levels, rows in (("hard", hard, [0.0] * 40), ("all", all_, rewards)):
+        write_run(d, part, [{"step": s + 1, "reward": r} for s, r in enumerate(rows)])
+        os.makedirs(d / part / "eval", exist_ok=True)  # a run's table is in its folder
+        (d / part / "eval" / "eval.json").write_text(json.dumps({"by_level": {lv: {"accuracy": a}
+                                                                              for lv, a in levels.items()}}))
+
+
+def test_calibration_criterion_read_from_run_folders(tmp_path):
+    for b, outcome in enumerate(OUTCOMES):
+        write_candidate(tmp_path, b, 1e-3, 0.04, outcome)
+    f = {o: toy_lab.candidate_figures(str(tmp_path), b, 1e-3, 0.04) for b, o in enumerate(OUTCOMES)}
+    assert f["pass"]["kept"] == ["1", "2", "3"] and f["pass"]["hard"] == [0.98, 0.89, 0.84]
+    assert f["pass"]["all"] == [1.0, 0.94, 0.89] and f["pass"]["base"] == [1.0, 0.94, 0.89]
+    assert (f["pass"]["reward_first10"], f["pass"]["reward_last20"]) == pytest.approx((0.5, 0.6))
+    assert (f["reward"]["reward_first10"], f["reward"]["reward_last20"]) == pytest.approx((0.5, 0.45))
+    assert {o: (x["a"], x["b"], x["pass"]) for o, x in f.items()} == {
+        "pass": (True, True, True), "a": (False, True, False), "b": (True, False, False), "reward": (True, False, False)}
+    assert toy_lab.candidate_figures(str(tmp_path), 0, 5e-4, 0.04) is None  # not run
+    # a base solving no level at >= 80 %: nothing to keep, only the reward decides
+    lone = toy_lab.criterion(dict.fromkeys(LEVELS, 0.5), dict.fromkeys(LEVELS, 0.0), dict.fromkeys(LEVELS, 0.0), FALLING)
+    assert (lone["kept"], lone["a"], lone["b"]) == ([], True, False)
+
+
+def calibrate_on(tmp_path, monkeypatch, grid, mode="calibrate"):
+    """grid: (lr, beta) -> outcome on each base in turn (fewer than three: the scan must not reach the others).
+    Runs the part on those folders, the base builds and the machine line stubbed; returns (exit code, calibration.json)."""
+    for (lr, beta), outcomes in grid.items():
+        for b, outcome in enumerate(outcomes):
+            write_candidate(tmp_path, b, lr, beta, outcome)
+    write_run(tmp_path / "calibration" / "b0", "dpo_expl_offline_lr8.33e-05",  # the report of the 5e-4 choice
+              [{"step": s, "logps_chosen": -20.0 + s} for s in range(1, 41)])
+    monkeypatch.setenv("OUT", str(tmp_path))
+    monkeypatch.setenv("STEPS", "40")
+    monkeypatch.setattr(toy_lab, "build_base", lambda b, k: f"base{b}")
+    monkeypatch.setattr(toy_lab, "machine", lambda: "a CPU")
+    monkeypatch.setattr(toy_lab, "lab", lambda mode, k: pytest.fail("the lab ran without a calibrated recipe"))
+    monkeypatch.setattr(toy_lab, "run_all", lambda jobs, parallel, start: jobs and pytest.fail(f"would run {jobs}"))
+    try:
+        toy_lab.main([mode])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, json.load(open(tmp_path / "calibration.json"))
+
+
+def visited(result):
+    return {(c["lr"], c["beta"]): len(c["bases"]) for c in result["candidates"]}
+
+
+def test_calibration_largest_lr_fails_on_one_base(tmp_path, monkeypatch):
+    # 1e-3: beta 0.04 fails (a) on base 2, beta 0 fails (b) on base 1; 5e-4 beta 0.04 passes on all three; 5e-4 beta 0
+    # and 3e-4 would pass too, but the scan stops at the first pass
+    code, result = calibrate_on(tmp_path, monkeypatch, {
+        (1e-3, 0.04): ["pass", "pass", "a"], (1e-3, 0.0): ["pass", "b"], (5e-4, 0.04): ["pass"] * 3})
+    assert code == 0
+    assert result["choice"] == {"grpo_lr": 5e-4, "grpo_beta": 0.04, "dpo_lr": pytest.approx(5e-4 / 6), "dpo_beta": 0.1}
+    assert visited(result) == {(1e-3, 0.04): 3, (1e-3, 0.0): 2, (5e-4, 0.04): 3}
+    assert [c["pass"] for c in result["candidates"]] == [False, False, True] and result["closest"] is None
+    assert result["dpo_logps_chosen_first_last"] == [-19.0, 20.0]
+    md = (tmp_path / "calibration.md").read_text()
+    assert "| 0.001 | 0.04 | 2 | 1,2,3 | 100/94/89 | 100/88/89 | 100/94/89 | 0.5000, 0.6000 | no | yes | no | no |" in md
+    assert "Choice: GRPO lr 0.0005, beta 0.04; DPO lr 8.33e-05" in md and "-19.0 at its first step" in md
+
+
+def test_calibration_beta_0_at_the_chosen_lr_when_0_04_fails(tmp_path, monkeypatch):
+    # 1e-3 fails on base 0 at both betas; at 5e-4 beta 0.04's reward does not rise on base 1, beta 0 passes
+    code, result = calibrate_on(tmp_path, monkeypatch, {
+        (1e-3, 0.04): ["a"], (1e-3, 0.0): ["reward"], (5e-4, 0.04): ["pass", "reward"], (5e-4, 0.0): ["pass"] * 3})
+    assert code == 0 and (result["choice"]["grpo_lr"], result["choice"]["grpo_beta"]) == (5e-4, 0.0)
+    assert visited(result) == {(1e-3, 0.04): 1, (1e-3, 0.0): 1, (5e-4, 0.04): 2, (5e-4, 0.0): 3}
+
+
+def test_calibration_no_candidate_passes_names_the_closest_and_stops_the_full_lab(tmp_path, monkeypatch):
+    # every candidate fails on base 0 but two: 3e-4 beta 0 (then (a) only on base 1: 3 checks) and 2e-4 beta 0.04
+    # (then (b) only on base 1: 3 checks); the tie goes to the larger lr
+    grid = {(lr, beta): ["a"] for lr in toy_lab.CALIBRATION["lrs"] for beta in toy_lab.CALIBRATION["betas"]}
+    grid.update({(3e-4, 0.0): ["pass", "b"], (2e-4, 0.04): ["pass", "a"], (1e-4, 0.0): ["reward"]})
+    for mode in ("calibrate", "full"):
+        code, result = calibrate_on(tmp_path, monkeypatch, grid, mode)
+        assert code == 1 and result["choice"] is None, mode
+        assert result["closest"] == {"lr": 3e-4, "beta": 0.0, "checks": 3}
+        assert len(result["candidates"]) == 12 and not any(c["pass"] for c in result["candidates"])
+        assert "dpo_logps_chosen_first_last" not in result
+    assert "No candidate passes on every base; the closest: lr 0.0003, beta 0" in (tmp_path / "calibration.md").read_text()
+
+
+def test_choose_is_a_function_of_the_figures():
+    ok, bad = {"a": True, "b": True, "pass": True}, {"a": True, "b": False, "pass": False}
+    grid = [{"lr": 1e-4, "beta": 0.04, "bases": {0: ok, 1: ok, 2: ok}},  # given out of scan order
+            {"lr": 3e-4, "beta": 0.0, "bases": {0: ok, 1: ok, 2: ok}},
+            {"lr": 3e-4, "beta": 0.04, "bases": {0: ok, 1: ok}}]  # not run on base 2: no pass
+    assert toy_lab.choose(grid, [0, 1, 2])["choice"]["grpo_lr"] == 3e-4
+    assert toy_lab.choose(grid, [0, 1, 2])["choice"]["grpo_beta"] == 0.0
+    assert toy_lab.choose(grid, [0, 1])["choice"]["grpo_beta"] == 0.04
+    assert toy_lab.choose([{**c, "bases": {0: bad}} for c in grid], [0, 1, 2]) == {
+        "choice": None, "closest": {"lr": 3e-4, "beta": 0.04, "checks": 1}}
+    assert toy_lab.choose([], [0]) == {"choice": None, "closest": None}
+
+
+def test_the_recipe_lr_and_beta_reach_the_command_once():
+    k = {**toy_lab.knobs("full"), "recipe": {"from": "x", "grpo_lr": 3e-4, "grpo_beta": 0.04, "dpo_lr": 5e-5}}
+    for arm, lr, beta in (("grpo_all", "0.0003", "0.04"), ("dpo_expl_online", "5e-05", "0.1"), ("probe_own", "0", "0")):
+        argv = toy_lab.run_command(arm, "base", 0, "out", k)
+        assert (argv.count("--lr"), argv.count("--beta")) == (1, 1), arm
+        assert (argv[argv.index("--lr") + 1], argv[argv.index("--beta") + 1]) == (lr, beta), arm
