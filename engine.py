@@ -158,7 +158,7 @@ def _load_error(kind: str, name: str, e: Exception) -> LoadError:
     if name in BUILT_MODELS or os.path.isdir(name):
         hint = "a file missing, cut short or damaged? export or download it again"
     else:
-        hint = "no network? a hub id needs it, or a local copy: `huggingface-cli download ID` once, then the same id works offline"
+        hint = "no network? a hub id needs it, or a local copy: `hf download ID` once, then the same id works offline"
     return LoadError(f"cannot load the {kind} of {name!r}: {reason} ({hint})")
 
 

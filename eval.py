@@ -17,6 +17,7 @@ A note on flag names: torchrun takes any flag that abbreviates one of its own (`
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -47,6 +48,7 @@ class Args:
     max_new_tokens: int = field(default=1024, metadata={"help": "longest completion; longer ones are cut and usually wrong"})
     gen_batch_size: int = field(default=64, metadata={"help": "sequences generated at once on one rank"})
     output_dir: str | None = field(default=None, metadata={"help": "directory for eval.json and samples.jsonl (default: eval_results/MODEL-DATASET)"})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "replace the evaluation (eval.json, samples.jsonl) in an output_dir that holds one; a training run's folder is never written"})
     seed: int = field(default=0, metadata={"help": "sampling seed (each rank gets its own stream)"})
 
 
@@ -295,11 +297,51 @@ def plot_main(argv: list[str]) -> None:
 # Command line: check everything that can be checked before a model is loaded
 # ----------------------------------------------------------------------------------------------------
 
+EVAL_OUTPUTS = ("eval.json", "samples.jsonl")
+# What a trainer (runs.RUN_OUTPUTS, run_config.json) or a model (config.json) leaves in a folder. samples.jsonl
+# is a trainer's output and ours: next to none of these it is an evaluation's (one cut off before its eval.json).
+RUN_MARKERS = tuple(p for p in runs.RUN_OUTPUTS if p != "samples.jsonl") + ("run_config.json", "run.lock", "config.json")
+
+
+def check_eval_folder(out: str, overwrite: bool) -> list[str]:
+    """The folder is the user's data, as for the trainers: refuse (ValueError) one that holds a training run or a
+    model even with --overwrite_output_dir (its checkpoints are not eval.py's to delete, nor is an export, which
+    the next one replaces whole), and another evaluation unless --overwrite_output_dir. Returns what gets replaced."""
+    found = sorted({os.path.basename(p) for pattern in RUN_MARKERS for p in glob.glob(os.path.join(out, pattern))})
+    if found:
+        where = f", e.g. --output_dir {out.rstrip('/')}/eval" if found != ["config.json"] else ""
+        raise ValueError(f"{out} holds a training run or a model ({', '.join(found[:5])}): eval.py never writes into "
+                         f"one, --overwrite_output_dir neither; give another --output_dir{where}")
+    ours = [f for f in EVAL_OUTPUTS if os.path.isfile(os.path.join(out, f))]
+    if ours and not overwrite:
+        raise ValueError(f"{out} holds another evaluation ({', '.join(ours)}): give another --output_dir, or replace "
+                         "it with --overwrite_output_dir")
+    return ours
+
+
+def what_was_evaluated(args, levels: list[int] | None, problems: int) -> dict:
+    """eval.json's record of the model and the data. A trainer exports OUTPUT_DIR/hf right after each checkpoint
+    save, so for --model OUTPUT_DIR/hf the run's newest checkpoint (seen before loading) is the step evaluated."""
+    path, run = engine.resolve_model_path(args.model), None
+    path = os.path.abspath(path) if os.path.isdir(path) else None  # None: a hub id
+    run_dir = os.path.dirname(path) if path and os.path.basename(path) == "hf" else ""
+    if run_dir and os.path.isfile(os.path.join(run_dir, "run_config.json")):
+        try:
+            script = json.load(open(os.path.join(run_dir, "run_config.json"))).get("script")
+        except (OSError, ValueError, AttributeError):  # damaged: the run and its step are still worth recording
+            script = None
+        ckpt = runs.latest_checkpoint(run_dir)
+        run = {"output_dir": run_dir, "script": script, "checkpoint": ckpt and os.path.basename(ckpt),
+               "step": ckpt and int(ckpt.rsplit("-", 1)[1])}
+    return {"model": args.model, "model_path": path, "run": run, "dataset": args.dataset,
+            "dataset_config": args.dataset_config, "split": args.split, "levels": levels or "all", "limit": args.limit,
+            "problems": problems, **{k: getattr(args, k) for k in ("num_samples", "temperature", "top_p",
+                                                                     "max_new_tokens", "seed")}}
+
 
 def main() -> None:
     args = runs.parse_flags(Args, "eval.py")
     ks = sorted(set(args.ks)) or default_ks(args.num_samples)
-    levels = common.parse_levels(args.levels)
     model_slug = re.sub(r"[^\w.-]+", "_", args.model.strip("/"))
     data_slug = re.sub(r"[^\w.-]+", "_", os.path.splitext(args.dataset)[0].strip("./"))
     args.output_dir = args.output_dir or os.path.join("eval_results", f"{model_slug}-{data_slug}")
@@ -314,12 +356,15 @@ def main() -> None:
         (not 0 < args.top_p <= 1, f"--top_p must be in (0, 1], got {args.top_p}"),
     ], "eval.py", args.model, [args.dataset], args.output_dir)
     try:
+        levels = common.parse_levels(args.levels)  # a ValueError naming the forms accepted
+        replaced = check_eval_folder(args.output_dir, args.overwrite_output_dir)
         tokenizer = engine.load_tokenizer(args.model)
         fits = common.prompt_fits(tokenizer, engine.context_length(args.model), args.max_new_tokens, with_answer=False)
         rows, data_stats = common.load_problems(args.dataset, split=args.split, config=args.dataset_config,
                                                 levels=levels, limit=args.limit or None, seed=args.seed, fits=fits)
         if not rows:
             raise ValueError(f"no problems in {args.dataset!r} (split {args.split}, levels {args.levels}): {dict(data_stats)}")
+        evaluated = what_was_evaluated(args, levels, len(rows))
     except Exception as e:  # a clear one-line message instead of a traceback from every rank
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         sys.exit(f"eval.py: error: {message}")
@@ -328,6 +373,8 @@ def main() -> None:
     engine.seed_everything(args.seed, info.rank)
     engine.print0(f"eval {args.model} on {args.dataset}: {len(rows)} problems x {args.num_samples} samples, "
                   f"world size {info.world_size}, temperature {args.temperature}, pass@{ks}, data {dict(data_stats)}")
+    if replaced:  # kept until the new files are written: a failed evaluation leaves the previous one whole
+        engine.print0(f"--overwrite_output_dir: {' and '.join(replaced)} in {args.output_dir} will be replaced")
     try:
         model = engine.load_model(args.model, info.device, trainable=False)
     except engine.LoadError as e:
@@ -347,12 +394,15 @@ def main() -> None:
     engine.print0("\n" + markdown_table(summary["by_level"], overall, "Level", ks))
     engine.print0("\n" + markdown_table(summary["by_subject"], overall, "Subject", ks) + "\n")
 
-    if info.is_main:
+    if info.is_main:  # each file whole or not at all, eval.json last: it says the evaluation is complete
         os.makedirs(args.output_dir, exist_ok=True)
-        with open(os.path.join(args.output_dir, "eval.json"), "w") as f:
-            json.dump({"args": asdict(args), "ks": ks, **summary}, f, indent=2)
-        with open(os.path.join(args.output_dir, "samples.jsonl"), "w") as f:
-            f.writelines(json.dumps(s) + "\n" for s in samples)
+        for name, write in (("samples.jsonl", lambda f: f.writelines(json.dumps(s) + "\n" for s in samples)),
+                            ("eval.json", lambda f: json.dump({"args": asdict(args), "evaluated": evaluated, "ks": ks,
+                                                               **summary}, f, indent=2))):
+            path = os.path.join(args.output_dir, name)
+            with open(path + ".tmp", "w") as f:
+                write(f)
+            os.replace(path + ".tmp", path)
         print(f"wrote {args.output_dir}/eval.json and samples.jsonl", flush=True)
 
 

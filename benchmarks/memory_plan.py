@@ -65,17 +65,38 @@ class Shape:
 
 
 def read_config(model: str) -> Shape:
-    """config.json of a local directory, or of a hub id (that one file only, from the cache when offline)."""
+    """config.json of a local directory, or of a hub id (that one file only, from the cache when offline).
+    A model it cannot read is a ValueError of one line that says what to do; `main` prints it."""
     path = os.path.join(model, "config.json")
+    if os.path.isdir(model) and not os.path.isfile(path):
+        raise ValueError(f"{model!r} has no config.json (expected a model folder, as OUTPUT_DIR/hf)")
     if not os.path.isdir(model):
         from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
-        path = hf_hub_download(model, "config.json")
-    c = json.load(open(path))
-    heads = c["num_attention_heads"]
-    return Shape(L=c["num_hidden_layers"], H=c["hidden_size"], I=c["intermediate_size"], V=c["vocab_size"],
-                 heads=heads, kv_heads=c.get("num_key_value_heads", heads),
-                 head_dim=c.get("head_dim") or c["hidden_size"] // heads, tied=c.get("tie_word_embeddings", False))
+        try:
+            path = hf_hub_download(model, "config.json")
+        except HFValidationError:  # a path that does not exist, and no hub id either
+            raise ValueError(f"model {model!r} is neither a local folder nor a hub id like Qwen/Qwen2.5-3B-Instruct") from None
+        except LocalEntryNotFoundError:  # offline, or no network, and not in the cache (HF_HOME)
+            why = "HF_HUB_OFFLINE is set" if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") \
+                else "the hub cannot be reached"
+            raise ValueError(f"cannot read config.json of {model!r}: {why} and it is not in the cache: pass a local "
+                             f"folder that holds it (--model DIR), or download it once with network (`hf download "
+                             f"{model} config.json`), then the same id works offline") from None
+        except OSError as e:  # the hub answered: no such repository, no access, no config.json in it
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"cannot read config.json of {model!r} from the hub: {reason}") from None
+    try:
+        with open(path) as f:
+            c = json.load(f)
+        heads = c["num_attention_heads"]
+        return Shape(L=c["num_hidden_layers"], H=c["hidden_size"], I=c["intermediate_size"], V=c["vocab_size"],
+                     heads=heads, kv_heads=c.get("num_key_value_heads", heads),
+                     head_dim=c.get("head_dim") or c["hidden_size"] // heads, tied=c.get("tie_word_embeddings", False))
+    except (ValueError, KeyError, TypeError) as e:  # damaged, or not a decoder's config (a multimodal one nests it)
+        raise ValueError(f"config.json of {model!r} is not a decoder model's config this plan knows "
+                         f"({type(e).__name__}: {e})") from None
 
 
 @dataclass
@@ -295,7 +316,10 @@ def parse_args(argv=None):
 def main(argv=None) -> None:
     args = parse_args(argv)
     grpo = args.script == "grpo"
-    s = read_config(args.model)
+    try:
+        s = read_config(args.model)
+    except ValueError as e:  # one line, not a traceback from huggingface_hub
+        sys.exit(f"memory_plan.py: error: {e}")
     if args.measure:
         return measure(args, s)
     a = setting(args, s)

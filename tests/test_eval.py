@@ -110,6 +110,102 @@ def test_bad_flags_fail_with_one_line_before_loading(flags, message):
     assert "Traceback" not in proc.stderr and "Loading weights" not in proc.stdout + proc.stderr
 
 
+# ---------------------------------------------------------------- the output folder is the user's data (issue 26)
+
+QUICK = ["--model", "tiny", "--dataset", "synthetic", "--limit", "4", "--num_samples", "1", "--max_new_tokens", "4"]
+
+
+def eval_cli(*flags) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "eval.py", *map(str, flags)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+
+
+def refused(proc) -> str:
+    """The one line of a command refused before any model loaded (eval.py prints `eval MODEL on ...` once loading)."""
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and len(lines) == 1 and "Traceback" not in proc.stderr, (proc.stdout, proc.stderr)
+    assert lines[0].startswith("eval.py: error: ") and "eval tiny on" not in proc.stdout, (proc.stdout, proc.stderr)
+    return lines[0]
+
+
+def folder_state(path) -> dict:
+    return {str(p.relative_to(path)): p.read_bytes() if p.is_file() else None for p in sorted(path.rglob("*"))}
+
+
+def test_a_training_runs_folder_is_refused_even_with_overwrite(tmp_path):
+    """`--output_dir runs/demo` replaced the run's samples.jsonl (10 lines -> 4), rc 0: now refused, with the
+    flag too (eval.py never deletes a run's checkpoints), and the line names a folder that works."""
+    run = tmp_path / "demo"
+    (run / "checkpoint-2").mkdir(parents=True)
+    (run / "checkpoint-2" / "trainer_state.pt").write_bytes(b"state")
+    (run / "run_config.json").write_text(json.dumps({"script": "expo_grpo.py"}))
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": i}) + "\n" for i in range(1, 3)))
+    (run / "samples.jsonl").write_text("".join(json.dumps({"step": i}) + "\n" for i in range(10)))
+    before = folder_state(run)
+    for extra in ([], ["--overwrite_output_dir"]):
+        line = refused(eval_cli(*QUICK, "--output_dir", run, *extra))
+        assert "holds a training run" in line and f"--output_dir {run}/eval" in line, line
+        assert "--overwrite_output_dir" in line, line  # says that the flag does not change this
+        assert folder_state(run) == before
+
+
+def test_a_second_evaluation_is_refused_unless_overwrite(tmp_path):
+    """Rerunning with other --levels replaced eval_results/... without a word: refused, the first evaluation
+    untouched; --overwrite_output_dir replaces eval.json and samples.jsonl and nothing else."""
+    out = tmp_path / "eval"
+    first = eval_cli(*QUICK, "--output_dir", out)
+    assert first.returncode == 0, first.stderr
+    (out / "notes.txt").write_text("mine")
+    before = folder_state(out)
+    line = refused(eval_cli(*QUICK, "--levels", "1-2", "--output_dir", out))
+    assert "holds another evaluation" in line and "--overwrite_output_dir" in line, line
+    assert folder_state(out) == before
+    again = eval_cli(*QUICK, "--levels", "1-2", "--output_dir", out, "--overwrite_output_dir")
+    assert again.returncode == 0, again.stderr
+    assert json.loads((out / "eval.json").read_text())["evaluated"]["levels"] == [1, 2]
+    assert sorted(p.name for p in out.iterdir()) == ["eval.json", "notes.txt", "samples.jsonl"]
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_eval_json_records_what_was_evaluated(tmp_path, tiny_path):
+    """A trainer exports OUTPUT_DIR/hf at each checkpoint save: --model OUTPUT_DIR/hf records the run, its script
+    and the step of its newest checkpoint; OUTPUT_DIR/eval is a folder of its own, so it is taken."""
+    import shutil
+
+    run = tmp_path / "run"
+    for name in ("checkpoint-1", "checkpoint-3", "checkpoint-4.tmp"):  # a save in progress is no checkpoint
+        (run / name).mkdir(parents=True)
+    (run / "run_config.json").write_text(json.dumps({"script": "expo_dpo.py", "args": {}}))
+    shutil.copytree(tiny_path, run / "hf")
+    model = str(run / "hf") + "/"  # as given, a trailing slash included
+    proc = eval_cli(*QUICK[2:], "--model", model, "--levels", "1-3", "--temperature", "0.5", "--seed", "7",
+                    "--output_dir", run / "eval")
+    assert proc.returncode == 0, proc.stderr
+    table = json.loads((run / "eval" / "eval.json").read_text())
+    assert table["evaluated"] == {
+        "model": model, "model_path": str(run / "hf"),
+        "run": {"output_dir": str(run), "script": "expo_dpo.py", "checkpoint": "checkpoint-3", "step": 3},
+        "dataset": "synthetic", "dataset_config": None, "split": "test", "levels": [1, 2, 3], "limit": 4,
+        "problems": table["num_problems"], "num_samples": 1, "temperature": 0.5, "top_p": 1.0,
+        "max_new_tokens": 4, "seed": 7}
+    assert table["num_problems"] <= 4 and table["args"]["model"] == model  # the keys that were there stay
+    # a built-in model: its folder, and no run
+    proc = eval_cli(*QUICK, "--output_dir", tmp_path / "tiny")
+    assert proc.returncode == 0, proc.stderr
+    evaluated = json.loads((tmp_path / "tiny" / "eval.json").read_text())["evaluated"]
+    assert evaluated["model"] == "tiny" and evaluated["model_path"] == tiny_path and evaluated["run"] is None
+    assert evaluated["levels"] == "all"
+
+
+@pytest.mark.parametrize("levels", ["6-5", "x"])
+def test_levels_that_mean_nothing_are_one_line(tmp_path, levels):
+    """`--levels 6-5` kept every level (an empty list read as "all"), `--levels x` ended in "invalid literal for
+    int()": one line naming what was given and the forms accepted (common.parse_levels says which)."""
+    line = refused(eval_cli(*QUICK, "--levels", levels, "--output_dir", tmp_path / "eval"))
+    assert levels in line and ("5-6" in line if levels == "6-5" else "3-5" in line), line
+    assert not (tmp_path / "eval").exists()
+
+
 def test_plot_writes_png(tmp_path):
     pytest.importorskip("matplotlib")
     for name, slope in [("grpo", 0.01), ("expo", 0.03)]:

@@ -6,8 +6,10 @@ benchmarks/README.md; the test keeps one of them.
 
 import json
 import os
+import subprocess
 import sys
 
+import pytest
 from conftest import ROOT, run_torchrun
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -95,6 +97,24 @@ def test_cli_fits_and_largest_batches(tmp_path, capsys):
     assert "FITS" in out and "largest --micro_batch_size that fits" in out
     memory_plan.main(["--model", str(tmp_path), "--gpus", "1", "--gpu_gib", "24", "--gradient_checkpointing", "false"])
     assert "DOES NOT FIT" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("model, says", [
+    ("Qwen/Qwen2.5-3B-Instruct", ["'Qwen/Qwen2.5-3B-Instruct'", "HF_HUB_OFFLINE", "download", "local folder"]),
+    ("no/such/folder", ["'no/such/folder'", "neither a local folder"]),
+    ("{tmp}", ["has no config.json"]),  # a folder, but not a model's
+])
+def test_a_model_it_cannot_read_is_one_line(tmp_path, model, says):
+    """Offline, with nothing cached (an empty HF_HOME), a hub id ended in a 27-line traceback (issue 26): one line
+    naming the model and what to do, rc != 0; the same for a path that is no hub id and a folder without config.json."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
+    proc = subprocess.run([sys.executable, os.path.join("benchmarks", "memory_plan.py"),
+                           "--model", model.format(tmp=tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("memory_plan.py: error: "), proc.stderr
+    assert all(s in lines[0] for s in says), lines[0]
 
 
 def test_predicted_peak_within_25_percent_of_measured_on_cpu(tmp_path):
