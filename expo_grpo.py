@@ -72,6 +72,7 @@ class Args:
     explanations: str = field(default="offline", metadata={"help": "offline: once by the initial policy, cached for every run of the same model and data; online: each step; or a JSONL of {question, explanation}"})
     explanation_check: Literal["answer", "steps"] = field(default="answer", metadata={"help": "keep an explanation if its answer verifies, or (steps) only if every step also passes the dataset's step checker (addition has one)"})
     sft_anchor: bool = field(default=False, metadata={"help": "also train each kept explanation under the explanation prompt, so that RL does not erode the ability to explain"})
+    positive_in: Literal["sft", "group", "prompt", "sft_only"] = field(default="sft", metadata={"help": "where the self-explanation goes: sft (ExPO: an SFT term beside GRPO), group (LUFFY: it replaces a member of an all-fail group, reward 1), prompt (QuestA: its first steps start the G samples), sft_only (STaR: the SFT term, no policy gradient)"})
     # GRPO
     num_generations: int = field(default=8, metadata={"help": "G: completions sampled per question"})
     temperature: float = field(default=0.9, metadata={"help": "sampling temperature of completions and explanations"})
@@ -165,7 +166,7 @@ def clipped_surrogate(ratio: torch.Tensor, advantages: torch.Tensor, eps_low: fl
 
 
 def grpo_loss(logps, old_logps, ref_logps, advantages, completion_mask, clip_eps, clip_eps_high, beta, loss_agg,
-              num_seqs=None, num_tokens=None, max_len=None):
+              num_seqs=None, num_tokens=None, max_len=None, off_policy=None):
     """Minus the GRPO objective, and its metrics.
 
     Per token:  l_it = min(rho_it A_i, clip(rho_it, 1-eps, 1+eps_high) A_i) - beta k3_it,
@@ -184,6 +185,9 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, completion_mask, clip_eps
     n_seq = max(float((mask.sum(1) > 0).sum()) if num_seqs is None else float(num_seqs), 1.0)
     ratio = torch.exp((logps - old_logps) * mask)  # (B, T); padding gets ratio 1, whatever its log-probs
     surrogate, clipped = clipped_surrogate(ratio, advantages[:, None], clip_eps, clip_eps_high)
+    if off_policy is not None:  # (B,) bool: rows the policy did not sample get LUFFY's shaped term instead
+        surrogate = torch.where(off_policy[:, None], shaped_surrogate(logps, advantages[:, None]), surrogate)
+        clipped = clipped & ~off_policy[:, None]
     kl = k3_kl(logps, ref_logps) * mask if ref_logps is not None else torch.zeros_like(logps)  # (B, T)
     per_token = (surrogate - beta * kl) * mask
     if loss_agg == "seq-mean":
@@ -197,6 +201,72 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, completion_mask, clip_eps
     metrics = {"policy_loss": loss.item(), "kl": (kl.sum() / n_tok).item(),
                "clip_frac": ((clipped.float() * mask).sum() / n_tok).item()}
     return loss, metrics
+
+
+def shaped_surrogate(logps: torch.Tensor, advantages: torch.Tensor, gamma: float = 0.1) -> torch.Tensor:
+    """LUFFY's term for a token the policy did not sample (arXiv 2504.14945): A f(p), f(p) = p / (p + gamma),
+    p = pi(token) = exp(logp), unclipped, no behaviour probability (taken as 1). Its gradient A gamma p / (p + gamma)^2
+    grad logp keeps a push on unlikely tokens that the ratio p / 1 would all but erase.
+
+    Example: A = 0.875, p = 0.1 -> 0.875 * 0.5 = 0.4375; d/dlogp = 0.875 * 0.1 * 0.1 / 0.04 = 0.21875.
+    """
+    p = logps.exp()
+    return advantages * p / (p + gamma)
+
+
+def place_in_groups(rollouts: dict, positives: list, group_size: int) -> None:
+    """--positive_in group (LUFFY, arXiv 2504.14945): in each group whose question has a positive sample (the
+    caller gives one only to groups whose G samples all failed), it replaces the last member, scored under the
+    question prompt with reward 1;
+    the group's advantages become r - mean(r), no std: 1 - 1/G for it, -1/G for the others (a push-down on the
+    failed samples that ExPO's SFT term does not give). It is marked off-policy: `shaped_surrogate`, unclipped.
+    Changes `rollouts` (the sampled groups, G per question) in place.
+
+    Example, G 4, one all-fail group: advantages [-0.25, -0.25, -0.25, 0.75], the last member the positive sample.
+    """
+    rollouts["off_policy"] = [False] * len(rollouts["completion_ids"])
+    for i, ids in enumerate(positives):
+        if ids is not None:
+            last = (i + 1) * group_size - 1
+            rollouts["completion_ids"][last], rollouts["in_pg"][last], rollouts["off_policy"][last] = ids, True, True
+            for j in range(i * group_size, last + 1):
+                rollouts["advantages"][j] = float(j == last) - 1.0 / group_size
+
+
+def explanation_prefix(text: str, fraction: float) -> str:
+    """The first steps of an explanation, for the prompt placement (QuestA, arXiv 2507.13266): a step is a line,
+    or, in a one-line explanation, a word; floor(fraction x steps) of them, so that a fraction <= 1/2 never gives
+    the last step (which holds the answer: a hint with the answer makes every sample right, and the group moot).
+
+    >>> explanation_prefix("0909 1506 3508 0202 1304 1405 \\boxed{542869}", 0.5)
+    '0909 1506 3508 '
+    """
+    sep = "\n" if "\n" in text.strip() else " "
+    steps = text.strip().split(sep)
+    keep = int(fraction * len(steps))
+    return sep.join(steps[:keep]) + sep if keep else ""
+
+
+def hinted_groups(model, tokenizer, batch, out, rewards, positives, explanations, fraction: float, args: Args):
+    """--positive_in prompt (QuestA): each question with a positive sample has its G samples drawn again from the
+    question prompt followed by the first steps of its self-explanation (`explanation_prefix`: `fraction` of
+    them); plain GRPO then trains on that prompt, with no correction back to the question. The other questions
+    keep their samples. Every rank samples, with hinted questions or none (an FSDP collective).
+    Returns `out` with those groups replaced (their prompt ids hold the hint), their rewards and the advantages.
+    """
+    G = args.num_generations
+    hinted = [i for i, ids in enumerate(positives) if ids is not None]
+    prompts = [question_prompt(tokenizer, batch[i]["question"]) + explanation_prefix(explanations[i]["explanation"],
+                                                                                      fraction) for i in hinted]
+    redo = sample(model, tokenizer, prompts, n=G, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                  micro_batch_size=args.gen_batch_size, min_new_tokens=args.min_new_tokens)
+    scores, _ = score_answers(redo["texts"], [batch[i]["answer"] for i in hinted for _ in range(G)])
+    out, rewards = {k: list(v) for k, v in out.items()}, rewards.clone()
+    for k, i in enumerate(hinted):
+        for key in ("prompt_ids", "completion_ids", "texts", "eos"):
+            out[key][i * G : (i + 1) * G] = redo[key][k * G : (k + 1) * G]
+        rewards[i * G : (i + 1) * G] = torch.tensor(scores[k * G : (k + 1) * G])
+    return out, rewards, group_advantages(rewards, G, scale_by_std=args.scale_rewards == "group")
 
 
 def sft_loss(logps: torch.Tensor, mask: torch.Tensor, num_tokens=None) -> torch.Tensor:
@@ -250,6 +320,8 @@ def make_micro_batches(rollouts: dict, micro_batch_size: int, pad_id: int, devic
         in_sft = torch.tensor([float(rollouts["in_sft"][j]) for j in idx], device=device)  # (b,)
         mb["pg_mask"], mb["sft_mask"] = mask * in_pg[:, None], mask * in_sft[:, None]
         mb["advantages"] = torch.tensor([rollouts["advantages"][j] for j in idx], dtype=torch.float32, device=device)
+        mb["off_policy"] = (torch.tensor([rollouts["off_policy"][j] for j in idx], dtype=torch.bool, device=device)
+                            if "off_policy" in rollouts else None)
         batches.append(mb)
     return batches
 
@@ -262,6 +334,7 @@ def train_on_rollouts(model, ref_model, optimizer, scheduler, rollouts: dict, ar
       prompt_ids, completion_ids   token ids
       advantages                   A_i of a sampled completion (0 for a positive sample)
       in_pg, in_sft                the sequence's tokens count in the policy loss / in the SFT term
+      off_policy (optional)        the sequence was not sampled by the policy (--positive_in group): shaped term
     Every rank must hold the same number of sequences: each forward pass is an FSDP collective.
     Returns metrics of the global batch (the same on every rank), averaged over iterations.
     """
@@ -300,7 +373,8 @@ def train_on_rollouts(model, ref_model, optimizer, scheduler, rollouts: dict, ar
             old_logps = mb["old_logps"] if mb["old_logps"] is not None else logps.detach()
             pg, pg_metrics = grpo_loss(logps, old_logps, mb["ref_logps"], mb["advantages"], mb["pg_mask"],
                                        args.clip_eps, args.clip_eps_high, args.beta, args.loss_agg,
-                                       num_seqs=norm["seqs"], num_tokens=norm["tokens"], max_len=args.max_new_tokens)
+                                       num_seqs=norm["seqs"], num_tokens=norm["tokens"], max_len=args.max_new_tokens,
+                                       off_policy=mb["off_policy"])
             nll = sft_loss(logps, mb["sft_mask"], num_tokens=norm["sft_tokens"])
             loss = pg + args.sft_coef * nll
             # FSDP averages gradients over ranks, but the loss is already divided by global counts: undo the mean
@@ -446,7 +520,7 @@ def main():
                         e["verified"] = check_explanation(e["explanation"], row, args)
 
         # ---- 5. the positive sample of each question, trained as an answer to the QUESTION prompt
-        positives = []  # token ids of (c~, a*) or of the expert solution; None when the question gets no SFT term
+        positives = []  # token ids of (c~, a*) or of the expert solution; None when the question gets none
         for i, row in enumerate(batch):
             ids = None
             if args.sft_on == "all" or not solved[i]:
@@ -455,13 +529,23 @@ def main():
                 elif args.sft_source == "explanation" and explanations[i] and explanations[i]["verified"]:
                     ids = explanations[i]["completion_ids"]
             positives.append(ids)
+        if args.positive_in == "prompt":  # QuestA: those questions' G samples are drawn again from a hinted prompt
+            with Timer() as t_hint:
+                out, rewards, advantages = hinted_groups(model, tokenizer, batch, out, rewards, positives,
+                                                         explanations, 0.5 if 2 * step <= run.total_steps else 0.25, args)
+            t_sample.seconds += t_hint.seconds
         rollouts = {"prompt_ids": list(out["prompt_ids"]), "completion_ids": list(out["completion_ids"]),
                     "advantages": advantages.tolist(), "in_sft": [False] * nq * G,
-                    "in_pg": [ended or not args.mask_truncated for ended in out["eos"]]}
-        # each positive sample once per prompt it is trained under, a sequence for every question (empty when it
-        # has none) so that every rank runs the same number of micro-batches: the question prompt, and with
-        # --sft_anchor also the explanation prompt it was sampled from
-        positive_prompts = [question_ids] if args.sft_source != "none" else []
+                    "in_pg": [args.positive_in != "sft_only" and (ended or not args.mask_truncated)
+                              for ended in out["eos"]]}
+        if args.positive_in == "group":  # LUFFY: the positive sample joins its group, if all G samples failed
+            positives = [None if solved[i] else ids for i, ids in enumerate(positives)]
+            place_in_groups(rollouts, positives, G)
+        # the SFT term: each positive sample once per prompt it is trained under, a sequence for every question
+        # (empty when it has none) so that every rank runs the same number of micro-batches: the question prompt,
+        # and with --sft_anchor also the explanation prompt it was sampled from
+        sft_term = args.sft_source != "none" and args.positive_in in ("sft", "sft_only")
+        positive_prompts = [question_ids] if sft_term else []
         if args.sft_anchor:
             positive_prompts.append([list(encode(explanation_prompt(tokenizer, r["question"], r["answer"])))
                                      for r in batch])
@@ -589,6 +673,10 @@ def validate_args(args: Args, world_size: int) -> None:
          "--probe_answer_logprob needs --sft_source explanation"),
         ((args.explanation_check != "answer" or args.sft_anchor) and args.sft_source != "explanation",
          "--explanation_check steps and --sft_anchor need --sft_source explanation"),
+        (args.positive_in != "sft" and args.sft_source != "explanation",
+         f"--positive_in {args.positive_in} places the self-explanation: it needs --sft_source explanation"),
+        (args.sft_anchor and args.positive_in in ("group", "prompt"),
+         f"--sft_anchor adds to the SFT term, which --positive_in {args.positive_in} does not have"),
         (args.explanation_check == "steps" and args.dataset not in STEP_CHECKERS,
          f"--explanation_check steps: dataset {args.dataset!r} has no step checker (these have: "
          f"{', '.join(STEP_CHECKERS)})"),
@@ -597,11 +685,13 @@ def validate_args(args: Args, world_size: int) -> None:
     ]
     reject_bad_args(problems, "expo_grpo.py", args.model, [args.dataset, args.eval_every and args.eval_dataset],
                     args.output_dir)
-    ignored = {"none": ("sft_coef", "sft_on", "explanations"), "expert": ("explanations",)}.get(args.sft_source, ())
+    arm, ignored = f"--sft_source {args.sft_source}", {"none": ("sft_coef", "sft_on", "explanations"),
+                                                        "expert": ("explanations",)}.get(args.sft_source, ())
+    if args.sft_source == "explanation" and args.positive_in in ("group", "prompt"):
+        arm, ignored = f"--positive_in {args.positive_in}", ("sft_coef",)
     given = [f"--{k} {getattr(args, k)}" for k in ignored if getattr(args, k) != Args.__dataclass_fields__[k].default]
     if given:
-        print0(f"warning: {', '.join(given)} {'does' if len(given) == 1 else 'do'} nothing with --sft_source "
-               f"{args.sft_source}")
+        print0(f"warning: {', '.join(given)} {'does' if len(given) == 1 else 'do'} nothing with {arm}")
 
 
 def check_positive_samples(args: Args, used: list[dict]) -> int | None:
