@@ -347,10 +347,12 @@ def train_on_rollouts(model, ref_model, optimizer, scheduler, rollouts: dict, ar
     norm = sum_over_ranks({"seqs": sum(float(pg and n > 0) for n, pg in zip(lens, in_pg)),
                             "tokens": sum(float(n * pg) for n, pg in zip(lens, in_pg)),
                             "sft_tokens": sum(float(n * sft) for n, sft in zip(lens, in_sft))})
-    # With beta = 0 a sequence with advantage 0 outside the SFT term adds exactly 0 to the loss and its gradient
-    # (rho * 0): skip its passes, as most of them on hard questions. Every rank keeps as many sequences as the rank
-    # with the most useful ones (the rest padded with skippable ones), so all run the same FSDP collectives.
-    useful = [bool(in_sft[j] or rollouts["advantages"][j] != 0 or args.beta > 0) for j in range(len(lens))]
+    # A sequence outside the SFT term adds exactly 0 to the loss and its gradient when it is outside the policy loss
+    # too (sft_only), or when its advantage is 0 and beta is 0 (rho * 0): skip its passes, as most of them on hard
+    # questions. Every rank keeps as many sequences as the rank with the most useful ones (the rest padded with
+    # skippable ones), so all run the same FSDP collectives.
+    useful = [bool(sft or pg and (advantage != 0 or args.beta > 0))
+              for sft, pg, advantage in zip(in_sft, in_pg, rollouts["advantages"])]
     kept = sorted(range(len(lens)), key=lambda j: not useful[j])[: max(max(gather_objects(sum(useful))), 1)]
     micro_batches = make_micro_batches({k: [v[j] for j in kept] for k, v in rollouts.items()}, args.micro_batch_size,
                                        pad_id, device)

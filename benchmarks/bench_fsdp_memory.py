@@ -54,7 +54,6 @@ def worker(a) -> None:
     results = engine.gather_objects(result)
     if info.is_main:
         print("RESULT", json.dumps({k: max(r[k] for r in results) for k in result}))
-    engine.close_distributed()
 
 
 def launch(a, nproc: int) -> dict:
@@ -76,7 +75,10 @@ def main():
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
-        return worker(a)
+        from engine import close_distributed
+
+        worker(a)
+        return close_distributed()  # after the worker: its sharded model holds the process group
 
     runs = {1: [], 2: []}
     for rep in range(a.reps):

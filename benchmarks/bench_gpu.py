@@ -153,8 +153,10 @@ def main():
     engine.print0("\nPeak memory per GPU, GiB (rank 0; the second row against the largest of the plan's reference, "
                   "training and optimizer phases):\n")
     engine.print0(table(["phase", "predicted", "measured", "measured / predicted"], rows))
-    engine.close_distributed()
 
 
 if __name__ == "__main__":
     main()
+    from engine import close_distributed
+
+    close_distributed()  # after main: its sharded models hold the process group

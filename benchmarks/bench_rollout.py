@@ -86,7 +86,6 @@ def worker(a) -> None:
         rate = engine.gather_objects(rate)
         if common.dist.get_rank() == 0:
             print("RESULT", json.dumps({"per_rank": statistics.mean(rate)}))
-        engine.close_distributed()
     else:
         print("RESULT", json.dumps({"per_rank": rate}))
 
@@ -122,7 +121,10 @@ def main():
     a = p.parse_args()
     print(machine(), flush=True)
     if a.worker:
-        return worker(a)
+        from engine import close_distributed
+
+        worker(a)
+        return close_distributed()  # after the worker: its sharded model holds the process group
 
     load_before = load_average()
     rates = {m: [] for m in MODES}

@@ -321,7 +321,10 @@ def main(argv=None) -> None:
     except ValueError as e:  # one line, not a traceback from huggingface_hub
         sys.exit(f"memory_plan.py: error: {e}")
     if args.measure:
-        return measure(args, s)
+        from engine import close_distributed
+
+        measure(args, s)
+        return close_distributed()  # after measure: its sharded model holds the process group
     a = setting(args, s)
     out = plan(s, a)
     print(f"{args.model}: {s.params / 1e9:.3f}B parameters ({s.L} layers, hidden {s.H}, intermediate {s.I}, "
@@ -444,7 +447,6 @@ def measure(args, s: Shape) -> None:
         for phase, m in zip(("sampling", "training"), peaks.tolist()):
             pred = predicted[phase] - plan(s, a)["resident"]
             print("MEASURE " + json.dumps({"phase": phase, "predicted": pred, "measured": m, "ratio": pred / m}))
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -279,6 +279,7 @@ GRAD_SCRIPT = textwrap.dedent("""
             print(f"RESULT n={n} worst_rel_diff={worst:.3e} total_grad={total:.3e} loss={summed['loss'] / n:.6f}")
         sharded.zero_grad(set_to_none=True)
         single.zero_grad(set_to_none=True)
+    del sharded, single
     engine.close_distributed()
 """)
 

@@ -49,4 +49,5 @@ for name, bf16 in (("fp32", False), ("bf16", True)):
     if info.rank == 0:
         with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
             json.dump(res, f)
+del model, ref  # they hold the process group: it goes with them, before the interpreter does
 engine.close_distributed()

@@ -80,8 +80,8 @@ def main(out_dir):
         with open(os.path.join(out_dir, "result.json"), "w") as f:
             json.dump(result, f)
     dist.barrier()
-    engine.close_distributed()
 
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    engine.close_distributed()  # after main: its sharded models hold the process group

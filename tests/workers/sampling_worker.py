@@ -42,4 +42,5 @@ with open(os.path.join(sys.argv[1], f"rank{info.rank}.json"), "w") as f:
     json.dump({"match": bool(match), "counts": counts, "hooks_back": hooks() == hooks_before,
                "hooks": hooks_before[0], "grads_match": grads_match}, f)
 torch.distributed.barrier()
+model = plain = None  # the sharded model holds the process group: it goes first, before the interpreter does
 engine.close_distributed()
