@@ -283,3 +283,89 @@ def test_the_recipe_lr_and_beta_reach_the_command_once():
         argv = toy_lab.run_command(arm, "base", 0, "out", k)
         assert (argv.count("--lr"), argv.count("--beta")) == (1, 1), arm
         assert (argv[argv.index("--lr") + 1], argv[argv.index("--beta") + 1]) == (lr, beta), arm
+
+
+def test_claims_finds_the_quick_runs_or_says_where_it_looked(tmp_path):
+    """`toy_lab.py claims` without OUT after the quick run: the full lab's folder holds nothing, the quick run's
+    folder does; an OUT without runs is one line naming it, rc 1 (issue 26 item 7)."""
+    quick = tmp_path / "runs" / "toy_lab_quick" / "b0"
+    for arm, acc in (("grpo", 0.0), ("expo", 0.6), ("expert_terse", 0.1)):
+        write_run(quick, f"{arm}_r0", [{"step": s, "eval/accuracy": a} for s, a in ((50, 0.0), (100, acc))])
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    claims = lambda cwd, **extra: subprocess.run(  # noqa: E731
+        [sys.executable, os.path.join(ROOT, "examples", "toy_lab.py"), "claims"], cwd=cwd, env={**env, **extra},
+        capture_output=True, text=True, timeout=120)
+    proc = claims(tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| ExP-GRPO beats plain GRPO |" in proc.stdout and "b0_r0" in proc.stdout
+    written = json.load(open(tmp_path / "runs" / "toy_lab_quick" / "claims.json"))
+    assert {c["claim"]: c["toy_median"] for c in written}["ExP-GRPO beats plain GRPO"] == pytest.approx(0.6)
+    for out, where in ((tmp_path / "empty", [str(tmp_path / "empty")]),
+                       (None, [os.path.join("runs", "toy_lab_full"), os.path.join("runs", "toy_lab_quick")])):
+        os.makedirs(tmp_path / "empty" / "b0", exist_ok=True)
+        proc = claims(tmp_path / "empty", **({"OUT": str(out)} if out else {}))
+        assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0, proc.stdout + proc.stderr
+        assert all(w in proc.stderr for w in where), proc.stderr
+        assert not os.path.exists(tmp_path / "empty" / "claims.json")
+
+
+# ----------------------------------------------------------------------------------------------------
+# placement (issue 27): where the same self-explanation goes; rows and ordering from fixed figures
+# ----------------------------------------------------------------------------------------------------
+
+PLACED = {  # cell -> final hard accuracy of each arm; b3_r0 has no questa run
+    "b0_r0": {"grpo": 0.0, "expo": 0.8, "luffy": 0.6, "questa": 0.3, "star": 0.6},
+    "b1_r0": {"grpo": 0.1, "expo": 0.6, "luffy": 0.4, "questa": 0.1, "star": 0.6},
+    "b2_r0": {"grpo": 0.0, "expo": 0.7, "luffy": 0.7, "questa": 0.5, "star": 0.2},
+    "b3_r0": {"grpo": 0.0, "expo": 0.9, "luffy": 0.9, "star": 0.0},
+}
+
+
+def test_placement_rows_and_ordering_from_fixed_figures():
+    cells = {c: {f"{a}/final": v for a, v in arms.items()} for c, arms in PLACED.items()}
+    rows = toy_lab.beyond(cells)
+    assert [r["measure"] for r in rows] == [f"final hard accuracy ({a})" for a in ("grpo", "expo", "luffy", "questa",
+                                                                                  "star")] + [rows[-1]["measure"]]
+    # each row over the cells that hold it; the place by median over the 3 cells that hold all five (not b3_r0):
+    # expo 0.7, luffy 0.6, star 0.6 (0.4 over its own 4 cells), questa 0.3, grpo 0.0
+    by_arm = {r["measure"][21:-1]: r for r in rows[:-1]}
+    expected = {"grpo": (0.0, 0.0, 0.1, 4, "5"), "expo": (0.75, 0.6, 0.9, 4, "1"), "luffy": (0.65, 0.4, 0.9, 4, "2="),
+                "questa": (0.3, 0.1, 0.5, 3, "4"), "star": (0.4, 0.0, 0.6, 4, "2=")}
+    for arm, (median, low, high, n, place) in expected.items():
+        r = by_arm[arm]
+        assert (r["toy_median"], r["toy_min"], r["toy_max"]) == pytest.approx((median, low, high)), arm
+        assert (r["cells"], r["verdict"]) == (n, f"measured: place {place} of 5"), arm
+        assert r["where"].startswith("beyond the paper") and r["cells_held"] is None
+    assert rows[-1]["ordering"] == "expo 0.700 > luffy 0.600 = star 0.600 > questa 0.300 > grpo 0.000"
+    assert (rows[-1]["cells"], rows[-1]["verdict"]) == (3, "ordering, measured (no claim made)")
+    # the paper's arms alone (the quick run) give no such rows; no cell holding every placement, no order
+    assert toy_lab.beyond({c: {k: v for k, v in f.items() if k[:4] in ("grpo", "expo")} for c, f in cells.items()}) == []
+    split = toy_lab.beyond({"b0_r0": {"grpo/final": 0.0, "star/final": 0.5}, "b1_r0": {"expo/final": 0.5}})
+    assert split[-1]["ordering"] == "no cell holds every placement" and split[-1]["cells"] == 0
+    assert [r["verdict"] for r in split[:-1]] == ["measured"] * 3
+
+
+def test_placement_rows_join_the_claims_table_under_their_heading(tmp_path, capsys):
+    for cell, arms in PLACED.items():
+        for arm, acc in arms.items():
+            write_run(tmp_path / cell[:2], f"{arm}_r0", [{"step": 1, "eval/accuracy": 0.0}, {"step": 2, "eval/accuracy": acc}])
+    toy_lab.report({**toy_lab.knobs("placement"), "out": str(tmp_path), "builds": [0, 1, 2, 3], "seeds": [0, 1]})
+    md = (tmp_path / "claims.md").read_text().splitlines()
+    heading = md.index("| **beyond the paper**: where the same self-explanation goes | | | | | |")
+    assert md[heading - 1].startswith("| ExP-GRPO beats plain GRPO |") and len(md) == heading + 7
+    assert md[-1].split(" | ")[4] == "expo 0.700 > luffy 0.600 = star 0.600 > questa 0.300 > grpo 0.000"
+    assert " | 0.750 (0.600 .. 0.900) | measured: place 1 of 5 |" in md[heading + 2]
+    written = json.load(open(tmp_path / "claims.json"))
+    assert [c["where"][:16] for c in written].count("beyond the paper") == 6
+    assert "(4 cells: b0_r0, b1_r0, b2_r0, b3_r0)" in capsys.readouterr().out  # the cells without runs are left out
+
+
+def test_placement_arms_differ_from_expgrpo_only_in_the_place_flag():
+    k = toy_lab.knobs("placement")
+    expo = toy_lab.run_command("expo", "base", 0, "out", k)
+    for arm, place in (("luffy", "group"), ("questa", "prompt"), ("star", "sft_only")):
+        argv = toy_lab.run_command(arm, "base", 0, "out", k)
+        i = argv.index("--positive_in")
+        assert argv[i + 1] == place and argv[:i] + argv[i + 2:] == expo, arm
+    assert toy_lab.PARTS["placement"] == ["grpo", "expo", "luffy", "questa", "star"]
+    assert set(toy_lab.PARTS["placement"]) <= set(toy_lab.PARTS["full"]) & set(toy_lab.TABLES["hard"])
