@@ -35,20 +35,15 @@ EXPLAIN_SENTENCE = (
 )
 
 
-def _chat_prompt(tokenizer, user: str) -> str:
-    messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-
 def question_prompt(tokenizer, question: str) -> str:
     """The prompt every response is sampled, scored and trained under: the question alone."""
-    return _chat_prompt(tokenizer, question)
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def explanation_prompt(tokenizer, question: str, answer: str) -> str:
     """The question followed by the answer sentence: the only difference from `question_prompt`."""
-    return _chat_prompt(tokenizer, question + "\n\n" + EXPLAIN_SENTENCE.format(answer=answer))
-
+    return question_prompt(tokenizer, question + "\n\n" + EXPLAIN_SENTENCE.format(answer=answer))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -98,7 +93,6 @@ def gsm8k_answer(text: str | None) -> str | None:
         return None
     ans = text.split("####")[-1].strip().replace(",", "")
     return ans or None
-
 
 
 _MAX_ANSWER_CHARS = 512  # longer "answers" are junk; parsing them is where sympy can take minutes
@@ -151,13 +145,10 @@ for line in sys.stdin:
 
 
 class _Verifier:
-    """math-verify in a child process, so a hard time limit holds whatever thread calls it.
-
-    math-verify's own timeout uses signal.alarm, which only works in a main thread; here it runs in the
-    child's main thread (a soft limit of a third of the time for each of its three parts: parsing the
-    gold, the answer, comparing), and the parent kills the child if it has not answered when the time is
-    up (the hard limit). A replacement child is started at once, so it imports sympy while the caller
-    goes on; only its start-up (about a second, not counted in the limit) is waited for on the next call.
+    """math-verify in a child process, so that a hard time limit holds in any thread (math-verify's own timeout uses
+    signal.alarm: main thread only). The child runs it with a soft limit of a third of the time for each of parsing
+    the gold, the answer, comparing; the parent kills a child that has not answered in time (the hard limit) and
+    starts the next at once, so it imports sympy while the caller goes on (its start-up is not counted in the limit).
     """
 
     def __init__(self, source: str = _WORKER_SRC):
@@ -165,10 +156,8 @@ class _Verifier:
         self.lock = threading.Lock()
 
     def _start(self):
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", self.source], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL, text=True, bufsize=1,
-        )
+        self.proc = subprocess.Popen([sys.executable, "-c", self.source], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, text=True, bufsize=1)
         self.ready = False
 
     def _read(self, seconds: float) -> str | None:
@@ -200,7 +189,8 @@ class _Verifier:
 _VERIFIER = _Verifier()
 
 
-def check_answer(completion: str, gold: str, timeout: float = 5.0, exact_shortcut: bool = True) -> tuple[float, str | None]:
+def check_answer(completion: str, gold: str, timeout: float = 5.0,
+                 exact_shortcut: bool = True) -> tuple[float, str | None]:
     """(1.0 if the last `\\boxed{}` of `completion` equals `gold` by math-verify else 0.0, what went wrong).
 
     What went wrong: None, or `too_long` / `too_complex` (an answer sympy could spend minutes on: 0 unless it
@@ -310,13 +300,6 @@ def _read_local(path: str, stats: Counter) -> list[dict]:
     raise ValueError(f"unsupported file type {path!r}: use .jsonl, .json or .parquet")
 
 
-def _parse_level(v) -> int | None:
-    if v is None:
-        return None
-    m = re.search(r"\d+", str(v))
-    return int(m.group(0)) if m else None
-
-
 def normalize_row(row: dict) -> dict | None:
     """Map a MATH / MATH500 / GSM8K style row to {question, answer, solution, level, subject}.
 
@@ -340,11 +323,12 @@ def normalize_row(row: dict) -> dict | None:
         return None
     if str(answer).count("{") != str(answer).count("}"):  # cut or garbled: no completion could match it
         return None
+    level = re.search(r"\d+", str(row.get("level")))  # 5, "5" or "Level 5"; None has no digit
     return {
         "question": question.strip(),
         "answer": str(answer).strip(),
         "solution": solution if isinstance(solution, str) else None,
-        "level": _parse_level(row.get("level")),
+        "level": int(level.group(0)) if level else None,
         "subject": row.get("type", row.get("subject")),
     }
 
@@ -353,17 +337,15 @@ def check_columns(columns, source: str) -> None:
     """Fail before any model is loaded if the data has no question column or no answer column."""
     columns = set(columns)
     if not columns & {"problem", "question"} or not columns & {"solution", "answer"}:
-        raise ValueError(
-            f"dataset {source!r} needs a question column (problem|question) and an answer column "
-            f"(solution|answer); found columns: {sorted(columns)}"
-        )
+        raise ValueError(f"dataset {source!r} needs a question column (problem|question) and an answer column "
+                         f"(solution|answer); found columns: {sorted(columns)}")
 
 
 def prompt_fits(tokenizer, context: int | None, max_new_tokens: int, with_answer: bool):
     """`load_problems`' `fits` for a model of `context` positions: rows -> whether each row's prompt and
     `max_new_tokens` more fit (None where the model does not say its context). The prompt is the explanation
-    prompt (question and answer, the longest a trainer writes) `with_answer`, else the question prompt.
-    A longer question would reach the model (a 6 MB line once asked for 36 TB): skipped, counted as `too_long`.
+    prompt (question and answer, the longest a trainer writes) `with_answer`, else the question prompt. A longer
+    question would reach the model: skipped, counted as `too_long`.
     """
     if context is None:
         return None
@@ -455,22 +437,16 @@ def parse_levels(text: str | None, flag: str = "--levels") -> list[int] | None:
     return out
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """Deterministic permutation of range(n) for an epoch: resuming recomputes it, nothing is stored."""
-    order = list(range(n))
-    random.Random(seed * 100003 + epoch).shuffle(order)
-    return order
-
-
 def global_batch(rows: list, step: int, batch_size: int, seed: int) -> list:
-    """The rows of optimizer step `step` (counted from 1) for all ranks together; epochs wrap around.
-
-    Each rank then takes `batch[rank::world_size]`, so the data position is a function of the step alone.
+    """The rows of optimizer step `step` (counted from 1) for all ranks together; epochs wrap around, each in an
+    order of its own that resuming recomputes (nothing is stored). Each rank then takes `batch[rank::world_size]`,
+    so the data position is a function of the step alone.
     """
     per_epoch = len(rows) // batch_size
     if per_epoch == 0:
         raise ValueError(f"{len(rows)} rows cannot fill one batch of {batch_size}")
     epoch, i = divmod(step - 1, per_epoch)
-    order = epoch_order(len(rows), seed, epoch)
+    order = list(range(len(rows)))
+    random.Random(seed * 100003 + epoch).shuffle(order)
     return [rows[j] for j in order[i * batch_size : (i + 1) * batch_size]]
 

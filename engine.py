@@ -1,4 +1,4 @@
-"""Torch under FSDP2: processes, loading and sharding models, the sampler, log-probs, the optimizer step.
+"""Torch under FSDP2: processes, loading, sharding and exporting models, the sampler, log-probs, the optimizer step.
 
 Machinery a reader can trust and skip: the algorithms (expo_grpo.py, expo_dpo.py) call `sample` for their
 rollouts, `token_logprobs` for the log-probs their losses need and `optimizer_step` once per update. Every
@@ -14,6 +14,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 import warnings
@@ -78,11 +79,9 @@ def _free_port() -> int:
 def close_distributed() -> None:
     """Leave the process group, once the script's models and optimizer are gone (call it after `main` returns).
 
-    A sharded model holds the process group (FSDP keeps it in each layer's state), so `destroy_process_group`
-    alone leaves it alive until the model is collected, which can be as late as the interpreter's own shutdown:
-    its communication threads are then torn down with the interpreter half gone, and a rank that finished its
-    work can die with `terminate called without an active exception` (SIGABRT). Collecting first makes the
-    group's last reference the one `destroy_process_group` drops, while everything is still alive.
+    A sharded model holds the process group (in each layer's FSDP state), so `destroy_process_group` alone leaves
+    it alive until the model is collected, maybe at the interpreter's own shutdown, whose half-gone state then kills
+    a finished rank (`terminate called without an active exception`, SIGABRT). Collecting first avoids that.
     """
     gc.collect()
     if dist.is_initialized():
@@ -101,6 +100,21 @@ def seed_everything(seed: int, rank: int = 0) -> None:
     random.seed(s)
     np.random.seed(s % 2**32)
     torch.manual_seed(s)
+
+
+def rng_states() -> dict:
+    """The state of every generator `seed_everything` seeds (and CUDA's), for a checkpoint."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+
+
+def set_rng_states(rng: dict) -> None:
+    """Restore what `rng_states` returned."""
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
 
 
 def sum_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
@@ -314,9 +328,9 @@ def gathered_params(model):
     for m in mods:
         m.unshard()
         m.set_reshard_after_forward(False, recurse=False)
-    # With every parameter whole, FSDP's forward hooks have nothing left to do but cost Python time at every
-    # module of every decoded token (15% of decoding a 4-layer model on CPU): they are taken off meanwhile
-    # (FSDP2 keeps their handles in its state; torch is pinned, tests/test_sampling.py checks they come back)
+    # With every parameter whole, FSDP's forward hooks only cost Python time at every module of every decoded token:
+    # they are taken off meanwhile (FSDP2 keeps their handles in its private state: torch is pinned, and
+    # tests/test_sampling.py checks they come back)
     states = [m._get_fsdp_state() for m in mods]
     for st in states:
         st._pre_forward_hook_handle.remove()
@@ -332,6 +346,30 @@ def gathered_params(model):
             # the root keeps its parameters after forward (they are needed at once in backward)
             m.set_reshard_after_forward(m is not model, recurse=False)
 
+
+def export_hf(model, tokenizer, path: str) -> None:
+    """Write a Hugging Face directory (safetensors, config, generation_config, tokenizer) that `from_pretrained`
+    loads, in the dtype the checkpoint came in (`load_model`'s `checkpoint_dtype`: a bf16 hub model in bf16, not as
+    its fp32 master weights). The full state dict is gathered to rank 0's CPU: any model that fits in host memory.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() == 0:
+        dtype = getattr(model, "checkpoint_dtype", torch.float32)
+        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+        tmp = path.rstrip("/") + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        # save_pretrained writes the class name into config.architectures; FSDP renamed the class
+        base = next(c for c in type(model).__mro__ if not c.__name__.startswith("FSDP"))
+        model.config.architectures = [base.__name__]
+        model.save_pretrained(tmp, state_dict=sd, safe_serialization=True)  # also the checkpoint's generation_config
+        model.config.dtype = dtype  # save_pretrained wrote the dtype of the fp32 master weights
+        model.config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    dist.barrier()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -694,9 +732,8 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     run (the prompt is often half the sequence); elsewhere the result is 0.
     With `with_entropy`, also returns the per-position entropy (no gradient), for logging.
     """
-    # Right padding (make_batch's) needs no mask under causal attention: no real token sees a later pad, and the
-    # pads' own values are masked by the caller. Without a mask, attention takes its causal fast path: the same
-    # values at real positions, 11% faster forward + backward on CPU (flash kernels on GPU, no (B, 1, T, T) mask).
+    # Right padding (make_batch's) needs no mask under causal attention: no real token sees a later pad, and the pads'
+    # own values are masked by the caller. Without a mask, attention takes its causal fast path (no (B, 1, T, T) mask).
     right_padded = bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
     out = model(input_ids=input_ids, attention_mask=None if right_padded else attention_mask,
                 output_hidden_states=True, logits_to_keep=1, use_cache=False)
@@ -727,6 +764,21 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         return logp, entropy.view(B, T1)
     return logp
 
+
+def sequence_logprobs(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int, device,
+                      micro_batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Per sequence, sum_t log p(completion_t | prompt, completion_<t) and the completion's length: (N,), (N,); and
+    the number of tokens passed through. In passes of `micro_batch_size` sequences (None: one pass), with a gradient
+    where autograd is on."""
+    size = micro_batch_size or max(len(prompt_ids), 1)
+    sums, lengths, tokens = [], [], 0
+    for s in range(0, len(prompt_ids), size):
+        batch = make_batch(prompt_ids[s : s + size], completion_ids[s : s + size], pad_id, device)
+        logps = token_logprobs(model, batch["input_ids"], batch["attention_mask"])  # (b, T-1)
+        sums.append((logps * batch["completion_mask"]).sum(-1))
+        lengths.append(batch["completion_mask"].sum(-1))
+        tokens += int(batch["attention_mask"].sum())
+    return torch.cat(sums), torch.cat(lengths), tokens
 
 
 # ----------------------------------------------------------------------------------------------------

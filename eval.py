@@ -278,18 +278,14 @@ def plot_main(argv: list[str]) -> None:
     parser.add_argument("--keys", nargs="*", help="metrics to draw, as regular expressions (default: PLOT_KEYS)")
     a = parser.parse_args(argv)
     try:
-        for d in a.run_dirs:
+        for d in a.run_dirs:  # a missing run is said first, matplotlib or not
             read_metrics(d)
-        import matplotlib  # noqa: F401  (only to ask whether it is there)
-    except FileNotFoundError as e:
+        keys = plot(a.run_dirs, a.out, a.keys)
+    except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     except ImportError:  # an exit status of 0 would tell a script a plot was drawn
         sys.exit("eval.py plot: error: matplotlib is not installed: pip install matplotlib (the curves are in each "
                  "run's metrics.jsonl)")
-    try:
-        keys = plot(a.run_dirs, a.out, a.keys)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
     print(f"wrote {a.out}: {', '.join(keys)}")
 
 
@@ -396,13 +392,9 @@ def main() -> None:
 
     if info.is_main:  # each file whole or not at all, eval.json last: it says the evaluation is complete
         os.makedirs(args.output_dir, exist_ok=True)
-        for name, write in (("samples.jsonl", lambda f: f.writelines(json.dumps(s) + "\n" for s in samples)),
-                            ("eval.json", lambda f: json.dump({"args": asdict(args), "evaluated": evaluated, "ks": ks,
-                                                               **summary}, f, indent=2))):
-            path = os.path.join(args.output_dir, name)
-            with open(path + ".tmp", "w") as f:
-                write(f)
-            os.replace(path + ".tmp", path)
+        runs.write_whole(os.path.join(args.output_dir, "samples.jsonl"), "".join(json.dumps(s) + "\n" for s in samples))
+        runs.write_whole(os.path.join(args.output_dir, "eval.json"),
+                         json.dumps({"args": asdict(args), "evaluated": evaluated, "ks": ks, **summary}, indent=2))
         print(f"wrote {args.output_dir}/eval.json and samples.jsonl", flush=True)
 
 

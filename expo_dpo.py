@@ -46,8 +46,8 @@ import torch.nn.functional as F
 import toy  # noqa: F401  (registers --model tiny|toy and --dataset synthetic|addition)
 from eval import evaluate_run
 from common import explanation_prompt, global_batch, question_prompt, verify_answer
-from engine import Timer, gather_objects, make_batch, optimizer_step, print0, sample, sum_over_ranks, token_logprobs
-from runs import latest_checkpoint, launch, parse_flags, reject_bad_args, start_run
+from engine import Timer, gather_objects, optimizer_step, print0, sample, sequence_logprobs, sum_over_ranks
+from runs import check_solutions, check_trainer_flags, launch, parse_flags, start_run
 
 
 @dataclass
@@ -169,10 +169,8 @@ def sequence_logps(model, tokenizer, pairs: list[dict], device) -> tuple[torch.T
     """
     prompts = tokenizer([question_prompt(tokenizer, p["question"]) for p in pairs], add_special_tokens=False)["input_ids"]
     responses = [p["chosen_ids"] for p in pairs] + [p["rejected_ids"] for p in pairs]
-    batch = make_batch(prompts + prompts, responses, tokenizer.pad_token_id, device)
-    logps = token_logprobs(model, batch["input_ids"], batch["attention_mask"])  # (2b, T-1)
-    seq_logps = (logps * batch["completion_mask"]).sum(-1)  # (2b,)
-    return seq_logps[: len(pairs)], seq_logps[len(pairs) :], int(batch["attention_mask"].sum())
+    logps, _, tokens = sequence_logprobs(model, prompts + prompts, responses, tokenizer.pad_token_id, device)  # (2b,)
+    return logps[: len(pairs)], logps[len(pairs) :], tokens
 
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float):
@@ -263,15 +261,6 @@ def dpo_backward(model, tokenizer, step_pairs: list[dict], beta: float, rank: in
     return sums, loss_sum, tokens
 
 
-def read_pairs(path: str) -> dict[int, dict]:
-    with open(path) as f:
-        pairs = {p["qid"]: p for p in map(json.loads, f)}
-    if any("chosen_ids" not in p for p in pairs.values()):
-        raise SystemExit(f"expo_dpo.py: error: {path} holds pairs as text only (written before responses were kept "
-                         "as sampled token ids): start this run again without --resume")
-    return pairs
-
-
 # ====================================================================================================
 # The loop: pairs each round, one optimizer step each step
 # ====================================================================================================
@@ -280,11 +269,16 @@ def read_pairs(path: str) -> dict[int, dict]:
 def main():
     args = parse_flags(Args, "expo_dpo.py")
     validate_args(args, int(os.environ.get("WORLD_SIZE", 1)))
+
+    def check_data(used):  # before any model: --chosen expert on data without solutions would train nothing
+        if args.chosen == "expert":
+            check_solutions(used, "--chosen expert", "--chosen explanation", "give no pair")
+
     online = args.regen_every > 0
     # offline pairs all come from the initial policy, so its own no-grad pass before training is the reference:
     # no second copy of the model is needed
     run = start_run(args, "expo_dpo.py", default_levels="all", with_answer=args.chosen == "explanation",
-                    reference=online, check_data=lambda used: check_chosen(args, used))
+                    reference=online, check_data=check_data)
     model, tokenizer, optimizer, scheduler = run.model, run.tokenizer, run.optimizer, run.scheduler
     ref_model = run.ref_model if online else model
     rank, world, device = run.info.rank, run.info.world_size, run.info.device
@@ -307,7 +301,8 @@ def main():
     if run.resume_from:
         # mid-round: train on the same pairs, unless they end here (a resume with a larger --max_steps)
         if state["pairs_path"] and (not online or start_step % every) and state["pairs_until"] > start_step:
-            pairs = read_pairs(state["pairs_path"])
+            with open(state["pairs_path"]) as f:
+                pairs = {p["qid"]: p for p in map(json.loads, f)}
         if not online and total_steps > state["pairs_until"]:
             raise SystemExit(f"expo_dpo.py: error: the offline pairs were built by the initial policy for "
                              f"{state['pairs_until']} steps, and it is gone: resume with --max_steps {state['pairs_until']}")
@@ -398,44 +393,20 @@ def round_metrics(stats: dict, num_generations: int, seconds: float) -> dict:
 
 def validate_args(args: Args, world_size: int) -> None:
     """Reject impossible settings before anything is loaded, with one clear line."""
-    problems = [
+    per_rank = args.batch_size // world_size
+    check_trainer_flags(args, "expo_dpo.py", world_size, [
         (args.chosen not in ("explanation", "expert"), f"--chosen must be explanation or expert, got {args.chosen!r}"),
         (args.rejected_truncated not in ("skip", "keep"), "--rejected_truncated must be skip or keep"),
         (args.beta <= 0, f"--beta must be > 0 (beta 0 makes the loss a constant log 2), got {args.beta}"),
-        (args.lr < 0 or args.weight_decay < 0, "--lr and --weight_decay must be >= 0"),
-        (min(args.num_generations, args.num_explanations, args.max_new_tokens, args.gen_batch_size, args.batch_size,
-             args.micro_batch_size, args.eval_num_samples, args.max_bad_steps, args.save_total_limit) < 1,
-         "--num_generations, --num_explanations, --max_new_tokens, --gen_batch_size, --batch_size, --micro_batch_size, "
-         "--eval_num_samples, --max_bad_steps and --save_total_limit must be >= 1"),
-        (min(args.regen_every, args.max_steps, args.save_every, args.eval_every, args.limit, args.eval_limit,
-             args.max_grad_norm) < 0,
-         "--regen_every, --max_steps, --save_every, --eval_every, --limit, --eval_limit and --max_grad_norm must be >= 0"),
+        (min(args.num_generations, args.num_explanations) < 1, "--num_generations and --num_explanations must be >= 1"),
+        (args.regen_every < 0, "--regen_every must be >= 0"),
         (args.temperature <= 0, f"--temperature must be > 0 (a wrong CoT is found by sampling), got {args.temperature}"),
-        (args.eval_temperature < 0, "--eval_temperature must be >= 0"),
-        (not 0 <= args.warmup_ratio < 1, "--warmup_ratio must be in [0, 1)"),
-        (args.max_steps == 0 and args.epochs < 1, "give --epochs >= 1 or --max_steps > 0"),
-        (args.batch_size % world_size, f"--batch_size {args.batch_size} must be a multiple of the world size {world_size}"),
-        (not args.batch_size % world_size and (args.batch_size // world_size) % args.micro_batch_size,
-         f"--batch_size {args.batch_size} / world size {world_size} = {args.batch_size // world_size} questions per "
+        (args.batch_size % world_size == 0 and args.micro_batch_size > 0 and per_rank % args.micro_batch_size,
+         f"--batch_size {args.batch_size} / world size {world_size} = {per_rank} questions per "
          f"rank is not divisible by --micro_batch_size {args.micro_batch_size}"),
-        (args.resume and latest_checkpoint(args.output_dir) is None, f"--resume: no checkpoint in {args.output_dir}"),
-    ]
-    reject_bad_args(problems, "expo_dpo.py", args.model, [args.dataset, args.eval_every and args.eval_dataset],
-                    args.output_dir)
+    ])
     if args.chosen == "expert" and args.num_explanations != 1:
         print0(f"warning: --num_explanations {args.num_explanations} does nothing with --chosen expert")
-
-
-def check_chosen(args: Args, used: list[dict]) -> None:
-    """Before any model: with --chosen expert, the questions the run uses (`used`) have a solution to choose; a run
-    on data without any would build no pair and train nothing."""
-    if args.chosen == "expert":
-        bare = sum(not r.get("solution") for r in used)
-        if bare == len(used):
-            raise ValueError(f"--chosen expert: none of the run's {len(used)} questions has a solution (a worked answer "
-                             "in a `solution` column) to choose: use --chosen explanation or other data")
-        if bare:
-            print0(f"warning: {bare} of the run's {len(used)} questions have no solution: they give no pair")
 
 
 if __name__ == "__main__":

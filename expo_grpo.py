@@ -52,8 +52,8 @@ from eval import evaluate_run
 from common import (STEP_CHECKERS, explanation_prompt, global_batch, question_prompt, score_answers, text_lines,
                     verify_answer)
 from engine import (CACHE_DIR, Timer, gather_objects, make_batch, optimizer_step, print0, resolve_model_path, sample,
-                    sum_over_ranks, token_logprobs)
-from runs import latest_checkpoint, launch, parse_flags, reject_bad_args, start_run
+                    sequence_logprobs, sum_over_ranks, token_logprobs)
+from runs import check_solutions, check_trainer_flags, launch, parse_flags, start_run
 
 
 @dataclass
@@ -72,7 +72,7 @@ class Args:
     explanations: str = field(default="offline", metadata={"help": "offline: once by the initial policy, cached for every run of the same model and data; online: each step; or a JSONL of {question, explanation}"})
     explanation_check: Literal["answer", "steps"] = field(default="answer", metadata={"help": "keep an explanation if its answer verifies, or (steps) only if every step also passes the dataset's step checker (addition has one)"})
     sft_anchor: bool = field(default=False, metadata={"help": "also train each kept explanation under the explanation prompt, so that RL does not erode the ability to explain"})
-    positive_in: Literal["sft", "group", "prompt", "sft_only"] = field(default="sft", metadata={"help": "where the self-explanation goes: sft (ExPO: an SFT term beside GRPO), group (LUFFY: it replaces a member of an all-fail group, reward 1), prompt (QuestA: its first steps start the G samples), sft_only (STaR: the SFT term, no policy gradient)"})
+    positive_in: Literal["sft", "group", "prompt", "sft_only"] = field(default="sft", metadata={"help": "where the self-explanation goes: sft (ExPO's SFT term), group (LUFFY: one member of an all-fail group), prompt (QuestA: a hint), sft_only (STaR)"})
     # GRPO
     num_generations: int = field(default=8, metadata={"help": "G: completions sampled per question"})
     temperature: float = field(default=0.9, metadata={"help": "sampling temperature of completions and explanations"})
@@ -215,12 +215,10 @@ def shaped_surrogate(logps: torch.Tensor, advantages: torch.Tensor, gamma: float
 
 
 def place_in_groups(rollouts: dict, positives: list, group_size: int) -> None:
-    """--positive_in group (LUFFY, arXiv 2504.14945): in each group whose question has a positive sample (the
-    caller gives one only to groups whose G samples all failed), it replaces the last member, scored under the
-    question prompt with reward 1;
-    the group's advantages become r - mean(r), no std: 1 - 1/G for it, -1/G for the others (a push-down on the
+    """--positive_in group (LUFFY, arXiv 2504.14945), in place: a group's positive sample (the caller gives one only
+    to groups whose G samples all failed) replaces its last member, scored under the question prompt with reward 1,
+    and the group's advantages become r - mean(r), no std: 1 - 1/G for it, -1/G for the others (a push-down on the
     failed samples that ExPO's SFT term does not give). It is marked off-policy: `shaped_surrogate`, unclipped.
-    Changes `rollouts` (the sampled groups, G per question) in place.
 
     Example, G 4, one all-fail group: advantages [-0.25, -0.25, -0.25, 0.75], the last member the positive sample.
     """
@@ -404,18 +402,6 @@ def train_on_rollouts(model, ref_model, optimizer, scheduler, rollouts: dict, ar
 
 
 @torch.no_grad()
-def completion_logprob_sums(model, prompt_ids, completion_ids, pad_id: int, micro_batch_size: int):
-    """sum_t log p(completion_t | prompt, completion_<t) and the completion length, per sequence: (N,), (N,)."""
-    device = next(model.parameters()).device
-    sums, lens = torch.zeros(len(prompt_ids)), torch.zeros(len(prompt_ids))
-    for s in range(0, len(prompt_ids), micro_batch_size):
-        mb = make_batch(prompt_ids[s : s + micro_batch_size], completion_ids[s : s + micro_batch_size], pad_id, device)
-        logps = token_logprobs(model, mb["input_ids"], mb["attention_mask"])  # (b, T-1)
-        sums[s : s + micro_batch_size] = (logps * mb["completion_mask"]).sum(1).cpu()
-        lens[s : s + micro_batch_size] = mb["completion_mask"].sum(1).cpu()
-    return sums, lens
-
-
 def probe_positive_signal(model, encode, question_ids, rows, explanations, cot_texts, args: Args, eos_id: int,
                           pad_id: int) -> dict:
     """In-distribution (Figure 2): mean token NLL of the self-explanations and of the expert solutions, both
@@ -439,8 +425,9 @@ def probe_positive_signal(model, encode, question_ids, rows, explanations, cot_t
                             ("answer_cot", cot_texts)):
             groups[kind] = ([before_answer(q, t) for q, t in zip(question_ids, texts)],
                             [list(encode(r["answer"] + "}")) if t else [] for r, t in zip(rows, texts)])
-    sums, lens = completion_logprob_sums(model, [p for ps, _ in groups.values() for p in ps],
-                                         [c for _, cs in groups.values() for c in cs], pad_id, args.micro_batch_size)
+    sums, lens, _ = sequence_logprobs(model, [p for ps, _ in groups.values() for p in ps],
+                                      [c for _, cs in groups.values() for c in cs], pad_id,
+                                      next(model.parameters()).device, args.micro_batch_size)  # (N,), (N,)
     local = {}
     for k, kind in enumerate(groups):
         part = slice(k * nq, (k + 1) * nq)
@@ -469,7 +456,7 @@ def main():
     run = start_run(args, "expo_grpo.py", resumable=RESUMABLE, default_levels="5",
                     with_answer=args.sft_source == "explanation", reference=args.beta > 0,
                     updates_per_step=args.num_iterations, check_data=lambda used: check_positive_samples(args, used))
-    model, ref_model, tokenizer, optimizer, scheduler = run.model, run.ref_model, run.tokenizer, run.optimizer, run.scheduler
+    model, tokenizer, optimizer, scheduler = run.model, run.tokenizer, run.optimizer, run.scheduler
     rank, world_size = run.info.rank, run.info.world_size
     G = args.num_generations
     nq = args.batch_size // world_size  # questions per rank
@@ -477,8 +464,7 @@ def main():
     encode = lru_cache(maxsize=None)(lambda text: tuple(tokenizer(text, add_special_tokens=False)["input_ids"]))
     print0(banner(args, run))
 
-    # offline explanations: by the initial policy (so before a resumed run loads its checkpoint), for the questions
-    # this run will see
+    # offline explanations: by the initial policy (before a resumed run loads its checkpoint), for the run's questions
     explanation_bank = None  # (question, answer) -> explanation record, when not sampled online
     if args.sft_source == "explanation" and args.explanations != "online":
         if args.explanations == "offline":
@@ -567,7 +553,7 @@ def main():
         # ---- 7. optimise loss = grpo_loss + sft_coef * sft_loss, num_iterations updates
         lr = scheduler.get_last_lr()[0]
         with Timer() as t_train:
-            train = train_on_rollouts(model, ref_model, optimizer, scheduler, rollouts, args, pad_id, run.state)
+            train = train_on_rollouts(model, run.ref_model, optimizer, scheduler, rollouts, args, pad_id, run.state)
 
         metrics = step_metrics(out, rewards, solved, explanations, positives, train, decoding, verify_stats, online,
                                t_sample.seconds, t_train.seconds, world_size)
@@ -649,26 +635,15 @@ def step_metrics(out, rewards, solved, explanations, positives, train, decoding,
 
 def validate_args(args: Args, world_size: int) -> None:
     """Reject impossible settings before anything is loaded, with one clear line."""
-    problems = [
+    check_trainer_flags(args, "expo_grpo.py", world_size, [
         (args.num_generations < 2, "--num_generations must be >= 2: a group of one has no advantage"),
-        (args.batch_size < 1 or args.batch_size % world_size,
-         f"--batch_size {args.batch_size} must be a positive multiple of the world size {world_size}"),
-        (args.micro_batch_size < 1 or args.gen_batch_size < 1, "--micro_batch_size and --gen_batch_size must be >= 1"),
-        (args.lr < 0 or args.weight_decay < 0, "--lr and --weight_decay must be >= 0"),
         (args.beta < 0, "--beta must be >= 0"),
         (args.clip_eps <= 0 or args.clip_eps_high <= 0, "--clip_eps and --clip_eps_high must be > 0"),
         (args.sft_coef < 0, "--sft_coef must be >= 0"),
         (args.num_iterations < 1, "--num_iterations must be >= 1"),
         (args.temperature <= 0, "--temperature must be > 0: GRPO needs different samples in a group"),
-        (args.max_new_tokens < 1, "--max_new_tokens must be >= 1"),
         (not 0 <= args.min_new_tokens <= args.max_new_tokens, "--min_new_tokens must be in [0, max_new_tokens]"),
-        (not 0 <= args.warmup_ratio < 1, "--warmup_ratio must be in [0, 1)"),
-        (args.max_grad_norm < 0, "--max_grad_norm must be >= 0"),
-        (args.max_steps < 0 or (args.max_steps == 0 and args.epochs < 1), "give --epochs >= 1 or --max_steps > 0"),
-        (min(args.save_every, args.probe_every, args.eval_every, args.eval_limit, args.limit) < 0,
-         "--save_every, --probe_every, --eval_every, --eval_limit and --limit must be >= 0"),
-        (min(args.save_total_limit, args.eval_num_samples, args.max_bad_steps) < 1,
-         "--save_total_limit, --eval_num_samples and --max_bad_steps must be >= 1"),
+        (args.probe_every < 0, "--probe_every must be >= 0"),
         (args.explanations not in ("online", "offline") and not os.path.isfile(args.explanations),
          f"--explanations must be online, offline or an existing JSONL file; {args.explanations!r} is none"),
         (args.probe_answer_logprob and args.sft_source != "explanation",
@@ -682,11 +657,7 @@ def validate_args(args: Args, world_size: int) -> None:
         (args.explanation_check == "steps" and args.dataset not in STEP_CHECKERS,
          f"--explanation_check steps: dataset {args.dataset!r} has no step checker (these have: "
          f"{', '.join(STEP_CHECKERS)})"),
-        (args.eval_temperature < 0, "--eval_temperature must be >= 0"),
-        (args.resume and latest_checkpoint(args.output_dir) is None, f"--resume: no checkpoint in {args.output_dir}"),
-    ]
-    reject_bad_args(problems, "expo_grpo.py", args.model, [args.dataset, args.eval_every and args.eval_dataset],
-                    args.output_dir)
+    ])
     arm, ignored = f"--sft_source {args.sft_source}", {"none": ("sft_coef", "sft_on", "explanations"),
                                                         "expert": ("explanations",)}.get(args.sft_source, ())
     if args.sft_source == "explanation" and args.positive_in in ("group", "prompt"):
@@ -697,16 +668,10 @@ def validate_args(args: Args, world_size: int) -> None:
 
 
 def check_positive_samples(args: Args, used: list[dict]) -> int | None:
-    """Before any model: the positive samples the arm trains on exist for the questions it uses (`used`). An expert
-    arm on data without solutions would be plain GRPO without a word: a ValueError when no question has one, a
-    warning with the count when some lack one. Returns how many questions an --explanations file explains."""
+    """Before any model: the positive samples the arm trains on exist for the questions it uses (`used`); returns
+    how many of them an --explanations file explains."""
     if args.sft_source == "expert":
-        bare = sum(not r.get("solution") for r in used)
-        if bare == len(used):
-            raise ValueError(f"--sft_source expert: none of the run's {len(used)} questions has a solution (a worked "
-                             "answer in a `solution` column) to train on: use --sft_source explanation or other data")
-        if bare:
-            print0(f"warning: {bare} of the run's {len(used)} questions have no solution: they get no SFT term")
+        check_solutions(used, "--sft_source expert", "--sft_source explanation", "get no SFT term")
     if args.sft_source == "explanation" and args.explanations not in ("online", "offline"):
         return check_explanations_file(args.explanations, used)
     return None

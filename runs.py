@@ -1,10 +1,8 @@
-"""A run's bookkeeping: flags and input checks, the run's data, the run folder, checkpoints and export, the end of
-a step, logs.
+"""A run's bookkeeping: flags and input checks, the run's data, the run folder, checkpoints, the end of a step, logs.
 
-`start_run` does the set-up both trainers share, in the order that fails fastest: flags and data before any model,
-then the folder, the models, their sharding and the optimizer; `Run.resume` then loads the newest checkpoint.
-A trainer tells this file what only it knows (the flags a resume may change, what a step evaluates); nothing here
-names an algorithm's flag.
+`start_run` does the set-up both trainers share, in the order that fails fastest; `Run.resume` then loads the newest
+checkpoint. A trainer tells this file what only it knows (the flags a resume may change, what a step evaluates);
+nothing here names an algorithm's flag.
 """
 
 from __future__ import annotations
@@ -14,7 +12,6 @@ import hashlib
 import json
 import math
 import os
-import random
 import re
 import shutil
 import signal
@@ -29,8 +26,8 @@ import torch.distributed as dist
 
 from common import BUILT_DATASETS, global_batch, load_problems, parse_levels, prompt_fits
 from engine import (BUILT_MODELS, DistInfo, LoadError, close_distributed, context_length, cosine_schedule,
-                    device_mesh, gather_objects, init_distributed, load_model, load_tokenizer, print0,
-                    resolve_model_path, seed_everything, shard_model)
+                    device_mesh, export_hf, gather_objects, init_distributed, load_model, load_tokenizer, print0,
+                    resolve_model_path, rng_states, seed_everything, set_rng_states, shard_model)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -81,10 +78,9 @@ def check_output_dir(path: str) -> None:
 def parse_flags(cls, script: str):
     """A script's `Args` dataclass from the command line, or exit 2 with one line `SCRIPT: error: ...`.
 
-    HfArgumentParser raises a ValueError (a traceback) on an unknown flag, and argparse prints its whole usage
-    before an error: both become one line, as does a float flag given nan or inf (`--lr nan` would train on
-    NaN). A flag of type Optional[bool] (None: decided at run time, as --bf16) gets the bare form a plain bool
-    flag has: `--bf16` is `--bf16 true`.
+    HfArgumentParser raises a ValueError (a traceback) on an unknown flag, argparse prints its whole usage before an
+    error: both become one line, as does a float flag given nan or inf (`--lr nan` would train on NaN). An
+    Optional[bool] flag (None: decided at run time, as --bf16) gets a plain bool's bare form: `--bf16` is `--bf16 true`.
     """
     from transformers import HfArgumentParser
     from transformers.hf_argparser import string_to_bool
@@ -103,20 +99,57 @@ def parse_flags(cls, script: str):
     return args
 
 
+def fail(line: str):
+    """Stop with one line: rank 0 prints it; under torchrun the other ranks, which would print it again before any
+    process group exists, exit quietly."""
+    raise SystemExit(line if int(os.environ.get("RANK", 0)) == 0 else 1)
+
+
 def reject_bad_args(problems: list[tuple[bool, str]], script: str, model: str, datasets: list, output_dir: str) -> None:
     """A script's flag check, before anything is loaded: exit with one line `SCRIPT: error: ...` on the first
     of `problems` [(bad, message)], or on a model, data set (empty entries: none given) or output directory that
     cannot work."""
     for bad, message in problems:
         if bad:
-            raise SystemExit(f"{script}: error: {message}")
+            fail(f"{script}: error: {message}")
     try:
         check_model_name(model)
         for dataset in filter(None, datasets):
             check_dataset_name(dataset)
         check_output_dir(output_dir)
     except ValueError as e:
-        raise SystemExit(f"{script}: error: {e}")
+        fail(f"{script}: error: {e}")
+
+
+def check_trainer_flags(args, script: str, world_size: int, problems: list[tuple[bool, str]]) -> None:
+    """`reject_bad_args` on a trainer's own `problems`, then on those of the flags every trainer has."""
+    reject_bad_args(problems + [
+        (args.batch_size < 1 or args.batch_size % world_size,
+         f"--batch_size {args.batch_size} must be a positive multiple of the world size {world_size}"),
+        (min(args.micro_batch_size, args.gen_batch_size, args.max_new_tokens) < 1,
+         "--micro_batch_size, --gen_batch_size and --max_new_tokens must be >= 1"),
+        (args.lr < 0 or args.weight_decay < 0, "--lr and --weight_decay must be >= 0"),
+        (not 0 <= args.warmup_ratio < 1, "--warmup_ratio must be in [0, 1)"),
+        (args.max_grad_norm < 0, "--max_grad_norm must be >= 0"),
+        (args.max_steps < 0 or (args.max_steps == 0 and args.epochs < 1), "give --epochs >= 1 or --max_steps > 0"),
+        (min(args.save_every, args.eval_every, args.eval_limit, args.limit) < 0,
+         "--save_every, --eval_every, --eval_limit and --limit must be >= 0"),
+        (min(args.save_total_limit, args.eval_num_samples, args.max_bad_steps) < 1,
+         "--save_total_limit, --eval_num_samples and --max_bad_steps must be >= 1"),
+        (args.eval_temperature < 0, "--eval_temperature must be >= 0"),
+        (args.resume and latest_checkpoint(args.output_dir) is None, f"--resume: no checkpoint in {args.output_dir}"),
+    ], script, args.model, [args.dataset, args.eval_every and args.eval_dataset], args.output_dir)
+
+
+def check_solutions(used: list[dict], arm: str, instead: str, without: str) -> None:
+    """Before any model: an `arm` that trains on the data set's solutions finds some in the questions the run uses
+    (none: a ValueError, the arm would silently be another; some missing: a warning with the count)."""
+    bare = sum(not r.get("solution") for r in used)
+    if bare == len(used):
+        raise ValueError(f"{arm}: none of the run's {len(used)} questions has a solution (a worked answer in a "
+                         f"`solution` column) to train on: use {instead} or other data")
+    if bare:
+        print0(f"warning: {bare} of the run's {len(used)} questions have no solution: they {without}")
 
 
 def load_run_data(args, tokenizer, default_levels: str = "all", with_answer: bool = True
@@ -187,13 +220,12 @@ class Run:
         return self.step
 
     def end_step(self, step: int, metrics: dict, evaluate=None) -> None:
-        """Steps count from 1. At the end of step `step`: evaluate (`evaluate() -> metrics`, every --eval_every
-        steps and at the last), log row `step`, save checkpoint-`step` and export OUTPUT_DIR/hf (every
-        --save_every steps, at the last, and when stopping), then stop the run after --max_bad_steps skipped
-        updates in a row.
-        In this order, a run killed in between redoes the step from the previous checkpoint (no missing or
-        duplicated row), and the saved random state already includes what evaluation drew, so a resumed run
-        samples what an uninterrupted one does. `self.state` is saved with the checkpoint.
+        """At the end of step `step` (from 1): evaluate (`evaluate() -> metrics`, every --eval_every steps and at the
+        last), log row `step`, save checkpoint-`step` with `self.state` and export OUTPUT_DIR/hf (every --save_every
+        steps, at the last, and when stopping), then stop the run after --max_bad_steps skipped updates in a row.
+        In this order, a run killed in between redoes the step from the previous checkpoint (no missing or duplicated
+        row), and the saved random state includes what evaluation drew: a resumed run samples what an uninterrupted
+        one does.
         """
         args, state = self.args, self.state
         last = step == self.total_steps
@@ -221,16 +253,14 @@ def start_run(args, script: str, *, resumable: frozenset = frozenset(), default_
               check_data=None) -> Run:
     """The set-up both trainers share, in the order that fails fastest; every failure is one line, `SCRIPT: error:`.
 
-    1. Before any process group or model: the tokenizer, the training and evaluation rows (`load_run_data`), the
-       number of steps, the questions those steps take (`used`), and the trainer's `check_data(used)` (a
-       ValueError of one line; what it returns is `Run.checked`).
-    2. The process group, the output folder (`claim_output_dir`: this run's, or the run it resumes, whose flags
-       must be the given ones but for RESUMABLE and the trainer's own `resumable`), the seeds.
+    1. Before any process group or model: the tokenizer, the rows (`load_run_data`), the number of steps, the
+       questions those steps take (`used`) and the trainer's `check_data(used)` (what it returns: `Run.checked`).
+    2. The process group, the output folder (`claim_output_dir`: flags of a resumed run must be its own but for
+       RESUMABLE and the trainer's `resumable`), the seeds.
     3. The policy, and a frozen `reference` copy when asked, sharded with FSDP2; AdamW and the cosine schedule over
-       `updates_per_step` updates a step.
-    `args` is the trainer's Args: this reads the flags every trainer has (model and data, batch and optimizer,
-    output folder, evaluation) and no other. The checkpoint is loaded by `Run.resume`, so that a trainer can use
-    the initial policy first (ExP-GRPO's offline explanations).
+       `updates_per_step` updates a step. The checkpoint is loaded by `Run.resume`, so that a trainer can use the
+       initial policy first (ExP-GRPO's offline explanations).
+    Of the trainer's `args` this reads the flags every trainer has (model, data, batch, optimizer, output, eval).
     """
     global _RUN
     try:
@@ -242,7 +272,7 @@ def start_run(args, script: str, *, resumable: frozenset = frozenset(), default_
             r for s in range(1, total_steps + 1) for r in global_batch(rows, s, args.batch_size, args.seed)]
         checked = check_data(used) if check_data else None
     except (ValueError, OSError) as e:
-        raise SystemExit(f"{script}: error: {e}")
+        fail(f"{script}: error: {e}")
     info = init_distributed()
     resume_from = claim_output_dir(args, script, rows, RESUMABLE | resumable)  # this run's, or the run it resumes
     seed_everything(args.seed, info.rank)
@@ -254,7 +284,7 @@ def start_run(args, script: str, *, resumable: frozenset = frozenset(), default_
         policy = load_model(args.model, info.device, args.gradient_checkpointing)
         ref_model = load_model(args.model, info.device, trainable=False) if reference else None
     except LoadError as e:
-        raise SystemExit(f"{script}: error: {e}")
+        fail(f"{script}: error: {e}")
     mesh = device_mesh(info.device, hybrid=args.hybrid_shard)
     run.model = shard_model(policy, info.device, mesh, bf16=args.bf16)
     if ref_model is not None:
@@ -268,10 +298,8 @@ def start_run(args, script: str, *, resumable: frozenset = frozenset(), default_
 
 def launch(main, script: str) -> None:
     """Run a script's `main` under torchrun or plain python, and leave the process group once it is done.
-
-    Ctrl-C is one line, not a traceback from every rank: rank 0 says where the run stopped, its newest complete
-    checkpoint and the command that continues it, and every rank exits 130 at once, from the signal handler, so
-    that no rank waits in a collective for a peer that is gone and no half-written checkpoint is finished.
+    Ctrl-C is one line, not a traceback from every rank (`interrupt_line`), and every rank exits 130 at once, from
+    the signal handler: no rank waits in a collective for a peer that is gone, no half-written checkpoint is finished.
     """
     def on_ctrl_c(signum, frame):
         if int(os.environ.get("RANK", 0)) == 0:
@@ -469,14 +497,19 @@ def _take_folder(args, rows: list[dict], script: str, resumable: frozenset) -> s
         config = {**saved, "resumes": saved.get("resumes", []) + [{
             "from": os.path.basename(resume_from), "at": config["started"], "world_size": config["world_size"],
             "changed": changed}]}
-    with open(config_path + ".tmp", "w") as f:
-        json.dump(config, f, indent=1)
-    os.replace(config_path + ".tmp", config_path)
+    write_whole(config_path, json.dumps(config, indent=1))
     return resume_from
 
 
+def write_whole(path: str, text: str) -> None:
+    """Write a file whole or not at all: a crash while writing leaves the previous one."""
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
 # ----------------------------------------------------------------------------------------------------
-# Checkpoints and export
+# Checkpoints
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -561,9 +594,7 @@ def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, ext
     dist.barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
-    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-           "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-    torch.save(rng, os.path.join(tmp, f"rng-rank{rank}.pt"))
+    torch.save(rng_states(), os.path.join(tmp, f"rng-rank{rank}.pt"))
     if rank == 0:
         torch.save({"scheduler": scheduler.state_dict() if scheduler else None, "extra": extra or {}, "step": step},
                    os.path.join(tmp, "trainer_state.pt"))
@@ -604,41 +635,8 @@ def load_checkpoint(path: str, model, optimizer, scheduler) -> dict:
         scheduler.step()  # sets the optimizer's lr (restored with the saved one) to this run's schedule at that step
     rng_file = os.path.join(path, f"rng-rank{dist.get_rank()}.pt")
     if os.path.exists(rng_file):  # absent when resuming on more ranks than saved: seeds stay as set
-        rng = torch.load(rng_file, weights_only=False)
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])
+        set_rng_states(torch.load(rng_file, weights_only=False))
     return {"step": trainer["step"], **trainer["extra"]}
-
-
-def export_hf(model, tokenizer, path: str) -> None:
-    """Write a Hugging Face directory (safetensors + config + generation_config + tokenizer) that
-    `from_pretrained` loads, in the dtype the checkpoint came in (`load_model`'s `checkpoint_dtype`): a bf16
-    hub model is exported in bf16, not as its fp32 master weights.
-
-    The full state dict is gathered to rank 0's CPU, so this works for a sharded model of any size that
-    fits in host memory.
-    """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if dist.get_rank() == 0:
-        dtype = getattr(model, "checkpoint_dtype", torch.float32)
-        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
-        tmp = path.rstrip("/") + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        # save_pretrained writes the class name into config.architectures; FSDP renamed the class
-        base = next(c for c in type(model).__mro__ if not c.__name__.startswith("FSDP"))
-        model.config.architectures = [base.__name__]
-        model.save_pretrained(tmp, state_dict=sd, safe_serialization=True)  # also the checkpoint's generation_config
-        model.config.dtype = dtype  # save_pretrained wrote the dtype of the fp32 master weights
-        model.config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
-    dist.barrier()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -684,8 +682,9 @@ class MetricsLogger:
         row = {"step": step, **{k: (float(v) if isinstance(v, (int, float, np.floating)) else v) for k, v in metrics.items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
-        keys = self.show or list(metrics)
-        print0(f"step {step:>5} | " + " | ".join(f"{k} {_fmt(metrics[k])}" for k in keys if k in metrics))
+        shown = [f"{k} {metrics[k]:.4g}" if isinstance(metrics[k], float) else f"{k} {metrics[k]}"
+                 for k in self.show or metrics if k in metrics]
+        print0(f"step {step:>5} | " + " | ".join(shown))
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
 
@@ -697,15 +696,8 @@ class MetricsLogger:
                 f.write(json.dumps({"step": step, **r}) + "\n")
 
 
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
-
-
 def machine_line() -> str:
-    """The CPU model, its cores and the thread settings: a timing means nothing without them (the same toy build
-    took 0.22 s a step on one 2-core machine and 0.59 s on another)."""
+    """The CPU model, its cores and the thread settings: a timing means nothing without them."""
     cpu = "unknown CPU"
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:

@@ -142,7 +142,8 @@ def grpo_args(data, out):
             "--max_new_tokens", "8", "--micro_batch_size", "8", "--gen_batch_size", "16", "--sft_source", "expert",
             "--beta", "0.5", "--lr", "1e-3", "--warmup_ratio", "0", "--probe_every", "0", "--max_steps", "4",
             "--save_every", "1", "--save_total_limit", "2", "--no_gradient_checkpointing", "--output_dir", out,
-            "--eval_every", "2", "--eval_limit", "4", "--eval_num_samples", "2"]  # evaluation samples too: before the save
+            "--eval_every", "2", "--eval_dataset", "synthetic", "--eval_limit", "4",
+            "--eval_num_samples", "2"]  # evaluation samples too: before the save
 
 
 def dpo_args(data, out):
@@ -300,7 +301,7 @@ BAD_FLAGS = [  # (script, Args fields, world size, expected words)
     ("grpo", {"resume": True}, 1, "--resume: no checkpoint"),
     ("dpo", {"resume": True}, 1, "--resume: no checkpoint"),
     ("grpo", {"max_bad_steps": 0}, 1, "--max_bad_steps must be >= 1"),
-    ("dpo", {"max_bad_steps": 0}, 1, "--max_bad_steps and --save_total_limit must be >= 1"),
+    ("dpo", {"max_bad_steps": 0}, 1, "--max_bad_steps must be >= 1"),
 ]
 
 

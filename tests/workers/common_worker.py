@@ -71,7 +71,7 @@ def main(out_dir):
     assert scheduler.last_epoch == 1
     result["restore_max_diff"] = max_diff(saved, full_state(model))
 
-    runs.export_hf(model, tok, os.path.join(out_dir, "hf"))
+    engine.export_hf(model, tok, os.path.join(out_dir, "hf"))
     if info.is_main:
         from transformers import AutoModelForCausalLM
 
