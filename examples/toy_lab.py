@@ -33,7 +33,10 @@ sys.path.insert(0, ROOT)
 # ---- The recipes and the arms ----
 
 # lr and beta, and the calibration they came from (`calibrate`, issue 25; `full` runs on its own). These predate it.
-RECIPE_LR = {"from": "none (the recipe before issue 25)", "grpo_lr": 2e-3, "grpo_beta": 0.0, "dpo_lr": 2e-3}
+# Chosen by `calibrate` (examples/README.md, "Calibration"): the largest GRPO lr whose plain baseline keeps what
+# bases 0-2 solve and learns what it samples, at the paper's beta 0.04; DPO at that lr / 6 (the paper's ratio).
+RECIPE_LR = {"from": "calibrate, 2026-12-03, bases 0-2: lr 1e-3 and 5e-4 fail, 3e-4 beta 0.04 passes",
+             "grpo_lr": 3e-4, "grpo_beta": 0.04, "dpo_lr": 5e-5}
 # GRPO: 100 steps of 32 questions, G 8 (GENERATIONS; 4 in the quick run), T 1, lambda 0.04; greedy held-out accuracy
 # on EVAL_LIMIT 5-6 digit sums every EVAL_EVERY steps. 64 new tokens: the longest expert (columns, 6 digits) is 58.
 GRPO_RECIPE = ["--batch_size", "32", "--temperature", "1.0",
