@@ -18,7 +18,7 @@ import signal
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
@@ -389,10 +389,12 @@ def run_config(args, script: str, rows: list[dict]) -> dict:
             "started": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
-def resume_differences(saved: dict, config: dict, resumable: frozenset = RESUMABLE) -> list[str]:
+def resume_differences(saved: dict, config: dict, resumable: frozenset = RESUMABLE, defaults: dict | None = None
+                       ) -> list[str]:
     """What a resume with `config` would change of the `saved` run that it may not (flags not in `resumable`), one
-    item each: ["--batch_size 2 -> 4", "--model base (its model.safetensors changed)"]."""
-    old, new = saved["args"], config["args"]
+    item each: ["--batch_size 2 -> 4", "--model base (its model.safetensors changed)"]. A flag the saved run does not
+    name did not exist when it started: it ran as that flag's default (`defaults`) does."""
+    old, new = {**(defaults or {}), **saved["args"]}, config["args"]
 
     def show(v):
         return repr(v) if v in ("", None) else str(v)
@@ -483,7 +485,7 @@ def _take_folder(args, rows: list[dict], script: str, resumable: frozenset) -> s
                              "continue cannot be checked: start over with --overwrite_output_dir") from None
         if saved.get("script") != script:
             raise ValueError(f"--resume: {out} holds an {saved.get('script')} run: resume it with {saved.get('script')}")
-        differ = resume_differences(saved, config, resumable)
+        differ = resume_differences(saved, config, resumable, {f.name: f.default for f in fields(args)})
         if differ:
             raise ValueError(f"--resume: the run in {out} has other settings (its -> given): {'; '.join(differ)}. "
                              "Resume with its values, or start over with --overwrite_output_dir")

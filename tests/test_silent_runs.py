@@ -3,6 +3,7 @@ it and failed before its fix: a stale explanation cache, level ranges that meant
 training rows, an arm whose positive samples do not exist, flags the chosen arm ignores, Ctrl-C, a resume with the
 other trainer, completions cut at --max_new_tokens."""
 
+import json
 import os
 import signal
 import subprocess
@@ -161,3 +162,18 @@ def test_completions_cut_at_max_new_tokens_are_worth_a_word(tmp_path):
     # the tiny model's random weights never end a completion within 8 tokens
     warnings = [ln for ln in proc.stdout.splitlines() if "cut at --max_new_tokens" in ln]
     assert len(warnings) == 1 and "100% of step 1's completions were cut at --max_new_tokens 8" in warnings[0], warnings
+
+
+def test_a_run_from_before_a_flag_existed_resumes_at_its_default(tmp_path):
+    """A run folder written before --positive_in existed has no such key in run_config.json: it ran as the default
+    does, so a resume at the default goes on, and one with another value is refused naming the flag."""
+    data = write_jsonl(tmp_path / "d.jsonl", math_rows(4))
+    grpo(data, tmp_path / "run", "--save_every", "1")
+    path = tmp_path / "run" / "run_config.json"
+    config = json.loads(path.read_text())
+    del config["args"]["positive_in"]
+    path.write_text(json.dumps(config))
+    grpo(data, tmp_path / "run", "--save_every", "1", "--max_steps", "2", "--resume")
+    line = one_line(cli("expo_grpo.py", "--model", "tiny", "--dataset", data, "--levels", "all", *SMALL, "--max_steps",
+                        "3", "--positive_in", "group", "--resume", "--output_dir", tmp_path / "run"))
+    assert "--positive_in None -> group" in line or "--positive_in sft -> group" in line, line
