@@ -465,13 +465,7 @@ def main():
     print0(banner(args, run))
 
     # offline explanations: by the initial policy (before a resumed run loads its checkpoint), for the run's questions
-    explanation_bank = None  # (question, answer) -> explanation record, when not sampled online
-    if args.sft_source == "explanation" and args.explanations != "online":
-        if args.explanations == "offline":
-            explanation_bank, how = offline_explanations(model, tokenizer, run.used, args)
-        else:
-            explanation_bank, how = read_explanations(args.explanations, tokenizer), f"from {args.explanations}"
-        print0(f"offline explanations for {len(run.used)} questions: {how}")
+    explanation_bank = fixed_explanations(model, tokenizer, run.used, args)  # None: online, or none at all
     online = args.sft_source == "explanation" and explanation_bank is None
     start_step = run.resume(show=("reward", "solved", "zero_spread", "expl_verified", "sft_used", "sft_loss", "kl",
                                   "grad_norm", "lr", "sample_tok_s", "train_tok_s"))
@@ -561,11 +555,7 @@ def main():
         if metrics["truncated"] > 0.5 and not cut_said:  # said once: a run that cuts most answers learns from halves
             cut_said = print0(f"warning: {100 * metrics['truncated']:.0f}% of step {step}'s completions were cut at "
                               f"--max_new_tokens {args.max_new_tokens} before an end token") or True
-        run.logger.log_samples(step, [
-            {"question": batch[i]["question"], "answer": batch[i]["answer"], "completion": out["texts"][i * G],
-             "reward": float(rewards[i * G]), **({"explanation": explanations[i] and explanations[i]["explanation"],
-                                                  "explanation_verified": explanations[i] and explanations[i]["verified"]}
-                                                 if explanations else {})} for i in range(min(args.log_samples, nq))])
+        run.logger.log_samples(step, sample_records(batch, out, rewards, explanations, G, args.log_samples))
         run.end_step(step, metrics, evaluate=lambda: evaluate_run(model, tokenizer, run.eval_rows, args))
 
     print0(f"done: {run.total_steps} steps, {run.state['skipped_steps']} optimizer updates skipped (non-finite), "
@@ -665,6 +655,28 @@ def validate_args(args: Args, world_size: int) -> None:
     given = [f"--{k} {getattr(args, k)}" for k in ignored if getattr(args, k) != Args.__dataclass_fields__[k].default]
     if given:
         print0(f"warning: {', '.join(given)} {'does' if len(given) == 1 else 'do'} nothing with {arm}")
+
+
+def fixed_explanations(model, tokenizer, used: list[dict], args: Args) -> dict | None:
+    """The explanations of `used`, the run's questions, written before training: by the initial policy (offline,
+    cached) or read from a file; None when they are sampled each step (online) or the arm has none."""
+    if args.sft_source != "explanation" or args.explanations == "online":
+        return None
+    if args.explanations == "offline":
+        explanations, how = offline_explanations(model, tokenizer, used, args)
+    else:
+        explanations, how = read_explanations(args.explanations, tokenizer), f"from {args.explanations}"
+    print0(f"offline explanations for {len(used)} questions: {how}")
+    return explanations
+
+
+def sample_records(batch, out, rewards, explanations, group_size: int, count: int) -> list[dict]:
+    """What samples.jsonl keeps of a step: the first `count` questions' first completion, and their explanation."""
+    return [{"question": row["question"], "answer": row["answer"], "completion": out["texts"][i * group_size],
+             "reward": float(rewards[i * group_size]),
+             **({"explanation": explanations[i] and explanations[i]["explanation"],
+                 "explanation_verified": explanations[i] and explanations[i]["verified"]} if explanations else {})}
+            for i, row in enumerate(batch[:count])]
 
 
 def check_positive_samples(args: Args, used: list[dict]) -> int | None:
