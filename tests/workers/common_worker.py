@@ -1,4 +1,4 @@
-"""Run by test_common.py under `torchrun --nproc_per_node 2`: FSDP2 step, sampling, checkpoint, export."""
+"""Run by test_engine.py under `torchrun --nproc_per_node 2`: FSDP2 step, sampling, checkpoint, export."""
 
 import copy
 import json

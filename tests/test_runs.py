@@ -1,5 +1,6 @@
-"""A run owns its --output_dir, --resume checks what it resumes, and a damaged checkpoint is skipped (issue 19,
-items 1-3). Every case goes through the CLI, where a user meets it; the tiny model, one process, a few steps.
+"""runs.py: a run owns its --output_dir, --resume checks what it resumes, and a damaged checkpoint is skipped
+(issue 19, items 1-3). Every case goes through the CLI, where a user meets it; the tiny model, one process, a few
+steps.
 
 One finished 3-step run (checkpoints 1-3) is shared: a test that would change it works on a copy.
 """
