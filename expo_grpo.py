@@ -23,9 +23,7 @@ Commands
   Table 3 (train on every level): torchrun --nproc_per_node 4 expo_grpo.py --levels all
   1 GPU:
       torchrun --nproc_per_node 1 expo_grpo.py --batch_size 8 --micro_batch_size 4
-  2 nodes of 8 GPUs (the same on both, NODE_RANK 0 and 1; README "Multi-node"; --hybrid_shard: HSDP):
-      torchrun --nnodes 2 --nproc_per_node 8 --node_rank $NODE_RANK --master_addr $FIRST_NODE --master_port 29500 \
-          expo_grpo.py --batch_size 64 --output_dir /shared/runs/expo_grpo
+  2 nodes of 8 GPUs: README "Multi-node" (--hybrid_shard: HSDP)
   CPU toy lab, the paper's claims on n-digit addition (README "Toy lab"): bash examples/toy_lab.sh
   CPU demo (random-weight tiny model, synthetic arithmetic, 15-30 s on 2 cores):
       torchrun --nproc_per_node 2 expo_grpo.py --model tiny --dataset synthetic --levels 1-2 --batch_size 4 \
@@ -250,7 +248,8 @@ def hinted_groups(model, tokenizer, batch, out, rewards, positives, explanations
     question prompt followed by the first steps of its self-explanation (`explanation_prefix`: `fraction` of
     them); plain GRPO then trains on that prompt, with no correction back to the question. The other questions
     keep their samples. Every rank samples, with hinted questions or none (an FSDP collective).
-    Returns `out` with those groups replaced (their prompt ids hold the hint), their rewards and the advantages.
+    Returns `out` with those groups replaced (their prompt ids hold the hint), their rewards, the advantages, and
+    what the verifier saw of the redrawn samples (`score_answers`' counts).
     """
     G = args.num_generations
     hinted = [i for i, ids in enumerate(positives) if ids is not None]
@@ -258,13 +257,25 @@ def hinted_groups(model, tokenizer, batch, out, rewards, positives, explanations
                                                                                       fraction) for i in hinted]
     redo = sample(model, tokenizer, prompts, n=G, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                   micro_batch_size=args.gen_batch_size, min_new_tokens=args.min_new_tokens)
-    scores, _ = score_answers(redo["texts"], [batch[i]["answer"] for i in hinted for _ in range(G)])
+    scores, verified = score_answers(redo["texts"], [batch[i]["answer"] for i in hinted for _ in range(G)])
     out, rewards = {k: list(v) for k, v in out.items()}, rewards.clone()
     for k, i in enumerate(hinted):
         for key in ("prompt_ids", "completion_ids", "texts", "eos"):
             out[key][i * G : (i + 1) * G] = redo[key][k * G : (k + 1) * G]
         rewards[i * G : (i + 1) * G] = torch.tensor(scores[k * G : (k + 1) * G])
-    return out, rewards, group_advantages(rewards, G, scale_by_std=args.scale_rewards == "group")
+    return out, rewards, group_advantages(rewards, G, scale_by_std=args.scale_rewards == "group"), verified
+
+
+def positive_sample(row: dict, solved: bool, explanation: dict | None, args: Args, encode, eos_id: int):
+    """The token ids a question's SFT term trains on, or None: its verified self-explanation (c~, a*) (ExP-GRPO) or
+    the data set's solution plus EOS (--sft_source expert); with --sft_on unsolved, only if its G samples all failed."""
+    if args.sft_on == "unsolved" and solved:
+        return None
+    if args.sft_source == "expert" and row.get("solution"):
+        return list(encode(row["solution"])) + [eos_id]
+    if args.sft_source == "explanation" and explanation and explanation["verified"]:
+        return explanation["completion_ids"]
+    return None
 
 
 def sft_loss(logps: torch.Tensor, mask: torch.Tensor, num_tokens=None) -> torch.Tensor:
@@ -502,19 +513,14 @@ def main():
                         e["verified"] = check_explanation(e["explanation"], row, args)
 
         # ---- 5. the positive sample of each question, trained as an answer to the QUESTION prompt
-        positives = []  # token ids of (c~, a*) or of the expert solution; None when the question gets none
-        for i, row in enumerate(batch):
-            ids = None
-            if args.sft_on == "all" or not solved[i]:
-                if args.sft_source == "expert" and row.get("solution"):
-                    ids = list(encode(row["solution"])) + [eos_id]
-                elif args.sft_source == "explanation" and explanations[i] and explanations[i]["verified"]:
-                    ids = explanations[i]["completion_ids"]
-            positives.append(ids)
+        positives = [positive_sample(row, bool(solved[i]), explanations and explanations[i], args, encode, eos_id)
+                     for i, row in enumerate(batch)]
         if args.positive_in == "prompt":  # QuestA: those questions' G samples are drawn again from a hinted prompt
             with Timer() as t_hint:
-                out, rewards, advantages = hinted_groups(model, tokenizer, batch, out, rewards, positives,
-                                                         explanations, 0.5 if 2 * step <= run.total_steps else 0.25, args)
+                out, rewards, advantages, verified = hinted_groups(
+                    model, tokenizer, batch, out, rewards, positives, explanations,
+                    0.5 if 2 * step <= run.total_steps else 0.25, args)
+            verify_stats = {k: v + verified[k] for k, v in verify_stats.items()}
             t_sample.seconds += t_hint.seconds
         rollouts = {"prompt_ids": list(out["prompt_ids"]), "completion_ids": list(out["completion_ids"]),
                     "advantages": advantages.tolist(), "in_sft": [False] * nq * G,

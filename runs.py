@@ -76,12 +76,8 @@ def check_output_dir(path: str) -> None:
 
 
 def parse_flags(cls, script: str):
-    """A script's `Args` dataclass from the command line, or exit 2 with one line `SCRIPT: error: ...`.
-
-    HfArgumentParser raises a ValueError (a traceback) on an unknown flag, argparse prints its whole usage before an
-    error: both become one line, as does a float flag given nan or inf (`--lr nan` would train on NaN). An
-    Optional[bool] flag (None: decided at run time, as --bf16) gets a plain bool's bare form: `--bf16` is `--bf16 true`.
-    """
+    """A script's `Args` from the command line, or exit 2 with one line `SCRIPT: error: ...` (not HfArgumentParser's
+    traceback or argparse's whole usage), also for a float flag given nan or inf. `--bf16` alone means true."""
     from transformers import HfArgumentParser
     from transformers.hf_argparser import string_to_bool
 
@@ -100,15 +96,13 @@ def parse_flags(cls, script: str):
 
 
 def fail(line: str):
-    """Stop with one line: rank 0 prints it; under torchrun the other ranks, which would print it again before any
-    process group exists, exit quietly."""
+    """Stop with one line, printed by rank 0 only (no process group exists yet to say which rank is first)."""
     raise SystemExit(line if int(os.environ.get("RANK", 0)) == 0 else 1)
 
 
 def reject_bad_args(problems: list[tuple[bool, str]], script: str, model: str, datasets: list, output_dir: str) -> None:
-    """A script's flag check, before anything is loaded: exit with one line `SCRIPT: error: ...` on the first
-    of `problems` [(bad, message)], or on a model, data set (empty entries: none given) or output directory that
-    cannot work."""
+    """Before anything loads: exit with one line `SCRIPT: error: ...` on the first of `problems` [(bad, message)], or
+    on a model, data set (empty entries: none given) or output directory that cannot work."""
     for bad, message in problems:
         if bad:
             fail(f"{script}: error: {message}")
@@ -142,8 +136,8 @@ def check_trainer_flags(args, script: str, world_size: int, problems: list[tuple
 
 
 def check_solutions(used: list[dict], arm: str, instead: str, without: str) -> None:
-    """Before any model: an `arm` that trains on the data set's solutions finds some in the questions the run uses
-    (none: a ValueError, the arm would silently be another; some missing: a warning with the count)."""
+    """An `arm` that trains on the data set's solutions finds some in the questions the run uses (none: a ValueError,
+    the arm would silently be another; some missing: a warning with the count)."""
     bare = sum(not r.get("solution") for r in used)
     if bare == len(used):
         raise ValueError(f"{arm}: none of the run's {len(used)} questions has a solution (a worked answer in a "
@@ -154,12 +148,10 @@ def check_solutions(used: list[dict], arm: str, instead: str, without: str) -> N
 
 def load_run_data(args, tokenizer, default_levels: str = "all", with_answer: bool = True
                   ) -> tuple[list[dict], list[dict], dict]:
-    """A trainer's training and evaluation rows from its flags, before any model: a bad file fails in seconds.
+    """A trainer's training and evaluation rows, before any model; a ValueError (or OSError) of one line.
 
-    An empty `--levels` means `default_levels` where the data has levels at all (GSM8K has none: all of it).
-    A question whose prompt (the explanation prompt `with_answer`; evaluation: the question prompt) and
-    --max_new_tokens do not fit in the model's context is skipped and counted (`prompt_fits`).
-    Raises ValueError (or OSError) with one line.
+    An empty `--levels` means `default_levels` where the data has levels at all (GSM8K has none: all of it). A question
+    whose prompt (the explanation prompt `with_answer`) and --max_new_tokens overflow the context is skipped, counted.
     """
     if args.eval_every and not args.eval_dataset and os.path.isfile(args.dataset):
         raise ValueError(f"--eval_every: the local file {args.dataset} has no test split, so the evaluation would be on "
@@ -220,13 +212,10 @@ class Run:
         return self.step
 
     def end_step(self, step: int, metrics: dict, evaluate=None) -> None:
-        """At the end of step `step` (from 1): evaluate (`evaluate() -> metrics`, every --eval_every steps and at the
-        last), log row `step`, save checkpoint-`step` with `self.state` and export OUTPUT_DIR/hf (every --save_every
-        steps, at the last, and when stopping), then stop the run after --max_bad_steps skipped updates in a row.
-        In this order, a run killed in between redoes the step from the previous checkpoint (no missing or duplicated
-        row), and the saved random state includes what evaluation drew: a resumed run samples what an uninterrupted
-        one does.
-        """
+        """After step `step`: evaluate (`evaluate() -> metrics`, every --eval_every steps and at the last), log its row,
+        save checkpoint-`step` with `self.state` and export hf/ (every --save_every steps, at the last, when stopping),
+        stop after --max_bad_steps skipped updates in a row. In this order a killed run redoes the step from the last
+        checkpoint (no row missing or twice), whose random state includes evaluation's: a resume samples the same."""
         args, state = self.args, self.state
         last = step == self.total_steps
         if evaluate is not None and args.eval_every and (step % args.eval_every == 0 or last):
@@ -252,15 +241,12 @@ def start_run(args, script: str, *, resumable: frozenset = frozenset(), default_
               with_answer: bool = True, reference: bool = False, updates_per_step: int = 1,
               check_data=None) -> Run:
     """The set-up both trainers share, in the order that fails fastest; every failure is one line, `SCRIPT: error:`.
-
-    1. Before any process group or model: the tokenizer, the rows (`load_run_data`), the number of steps, the
-       questions those steps take (`used`) and the trainer's `check_data(used)` (what it returns: `Run.checked`).
-    2. The process group, the output folder (`claim_output_dir`: flags of a resumed run must be its own but for
-       RESUMABLE and the trainer's `resumable`), the seeds.
-    3. The policy, and a frozen `reference` copy when asked, sharded with FSDP2; AdamW and the cosine schedule over
-       `updates_per_step` updates a step. The checkpoint is loaded by `Run.resume`, so that a trainer can use the
-       initial policy first (ExP-GRPO's offline explanations).
-    Of the trainer's `args` this reads the flags every trainer has (model, data, batch, optimizer, output, eval).
+    1. Before any process group or model: the tokenizer, the rows, the steps, the questions they take (`used`) and
+       the trainer's `check_data(used)` (its answer: `Run.checked`).
+    2. The process group, the output folder (`claim_output_dir`; a resume may change RESUMABLE and `resumable`), seeds.
+    3. The policy (and a frozen `reference`) sharded with FSDP2, AdamW, the cosine schedule over `updates_per_step`
+       updates a step. `Run.resume` loads the checkpoint after the trainer used the initial policy (offline
+       explanations). Of `args`, this reads the flags every trainer has (model, data, batch, optimizer, output, eval).
     """
     global _RUN
     try:
@@ -297,10 +283,9 @@ def start_run(args, script: str, *, resumable: frozenset = frozenset(), default_
 
 
 def launch(main, script: str) -> None:
-    """Run a script's `main` under torchrun or plain python, and leave the process group once it is done.
-    Ctrl-C is one line, not a traceback from every rank (`interrupt_line`), and every rank exits 130 at once, from
-    the signal handler: no rank waits in a collective for a peer that is gone, no half-written checkpoint is finished.
-    """
+    """Run a script's `main` and leave the process group once its frame (its sharded models) is gone. Ctrl-C is one
+    line (`interrupt_line`), and every rank exits 130 at once from the signal handler: no rank waits in a collective
+    for a peer that is gone, no half-written checkpoint is finished."""
     def on_ctrl_c(signum, frame):
         if int(os.environ.get("RANK", 0)) == 0:
             print(interrupt_line(script), file=sys.stderr, flush=True)
@@ -343,10 +328,9 @@ def interrupt_line(script: str) -> str:
 # again): a fresh start refuses a folder that holds any of them, --overwrite_output_dir deletes them (only them)
 RUN_OUTPUTS = ("checkpoint-*", "hf", "hf.tmp", "metrics.jsonl", "samples.jsonl", "pairs-round*.jsonl", "wandb")
 
-# The flags every trainer has that a --resume may give other values than the run's (a trainer adds its own, as
-# its logging); every other flag must be the saved one. They change what is evaluated, logged and kept, memory
-# and layout (the updates keep their distribution, though a resumed run's samples then differ from an
-# uninterrupted run's), and the length: `load_checkpoint` stretches the cosine schedule to a new total.
+# The flags every trainer has that a --resume may change (a trainer adds its own); every other must be the saved one.
+# They change what is evaluated, logged and kept, memory and layout (the updates keep their distribution, not their
+# samples), and the length: `load_checkpoint` stretches the cosine schedule to a new total.
 RESUMABLE = frozenset({
     "output_dir", "resume", "overwrite_output_dir", "max_steps", "epochs", "save_every", "save_total_limit",
     "max_bad_steps", "wandb_project", "eval_every", "eval_dataset", "eval_split", "eval_limit", "eval_levels",
@@ -358,8 +342,8 @@ _run_lock = None  # rank 0's lock on its output folder, held until the process e
 
 
 def _fingerprint(path: str, block: int = 1 << 20) -> str:
-    """A file's size and a hash of its first, middle and last MiB: milliseconds for a 6 GB weights file, and
-    two models of the same shape differ in all three (their safetensors headers would not)."""
+    """Size and hash of the first, middle and last MiB: milliseconds for 6 GB, and unlike a safetensors header,
+    different for two models of the same shape."""
     size = os.path.getsize(path)
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -391,9 +375,8 @@ def run_config(args, script: str, rows: list[dict]) -> dict:
 
 def resume_differences(saved: dict, config: dict, resumable: frozenset = RESUMABLE, defaults: dict | None = None
                        ) -> list[str]:
-    """What a resume with `config` would change of the `saved` run that it may not (flags not in `resumable`), one
-    item each: ["--batch_size 2 -> 4", "--model base (its model.safetensors changed)"]. A flag the saved run does not
-    name did not exist when it started: it ran as that flag's default (`defaults`) does."""
+    """What a resume with `config` would change of the `saved` run that it may not (not in `resumable`), e.g.
+    ["--batch_size 2 -> 4", "--model base (its model.safetensors changed)"]. A flag the saved run lacks is its default."""
     old, new = {**(defaults or {}), **saved["args"]}, config["args"]
 
     def show(v):
@@ -424,16 +407,15 @@ def claim_output_dir(args, script: str, rows: list[dict], resumable: frozenset =
        checkpoint, with one line for each newer one it skips;
     3. run_config.json says what the run is (`run_config`); a resume adds what it changed, when.
     """
-    rank = dist.get_rank()
     verdict = (None, None)  # (error line, checkpoint to resume from)
-    if rank == 0:
+    if dist.get_rank() == 0:
         try:
             verdict = (None, _take_folder(args, rows, script, resumable))
         except ValueError as e:
             verdict = (f"{script}: error: {e}", None)
     error, resume_from = gather_objects(verdict)[0]
     if error:
-        raise SystemExit(error if rank == 0 else 1)
+        fail(error)
     return resume_from
 
 
@@ -521,20 +503,15 @@ def _checkpoint_dirs(output_dir: str) -> list[str]:
 
 
 def latest_checkpoint(output_dir: str) -> str | None:
-    """The newest checkpoint directory (a save in progress lives under a `.tmp` name and is ignored); whether it
-    is complete is `checkpoint_problem`'s question, and `newest_complete_checkpoint` asks it."""
+    """The newest checkpoint directory, complete or not (a save in progress, `.tmp`, is not one)."""
     dirs = _checkpoint_dirs(output_dir)
     return dirs[-1] if dirs else None
 
 
 def checkpoint_problem(path: str) -> str | None:
-    """Why the checkpoint in `path` cannot be resumed from, or None when it is complete: its manifest.json
-    (written last, once every rank's files were done) is there, each file it names is there at the size it
-    names, trainer_state.pt reads, and every shard file that torch.distributed.checkpoint's `.metadata` names is
-    in the manifest. Sizes, not checksums: a 3B run's optimizer state is tens of GB to read at every resume.
-    Example: a shard deleted -> "__1_0.distcp is missing"; trainer_state.pt cut -> "trainer_state.pt has 700
-    bytes, not 1553".
-    """
+    """Why the checkpoint in `path` cannot be resumed from (e.g. "__1_0.distcp is missing"), or None: its manifest.json
+    (written last) names each file at its size, trainer_state.pt reads, and every shard `.metadata` names is listed.
+    Sizes, not checksums: a 3B run's optimizer state is tens of GB to read at every resume."""
     from torch.distributed.checkpoint import FileSystemReader
 
     try:
@@ -576,14 +553,10 @@ def newest_complete_checkpoint(output_dir: str) -> tuple[str | None, list[str]]:
 
 def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, extra: dict | None = None,
                     save_total_limit: int | None = None) -> str:
-    """Save model, optimizer, scheduler, `extra` (step, data position...) and every rank's RNG.
-
-    Written with torch.distributed.checkpoint (each rank writes its own shards) into
-    `checkpoint-STEP.tmp`, then, once every rank is done, rank 0 lists each file and its size in manifest.json
-    (`checkpoint_problem` checks them) and renames it: a crash mid-save leaves the previous checkpoint as the
-    newest complete one. `save_total_limit` keeps that many of this run's checkpoints, newest first; ones past
-    `step` are from before a resume (the damaged ones it skipped) and go, so they never outrank this run's.
-    """
+    """Save model, optimizer, scheduler, `extra` and every rank's RNG with torch.distributed.checkpoint (each rank
+    its shards) into `checkpoint-STEP.tmp`; then rank 0 lists each file's size in manifest.json and renames it, so a
+    crash mid-save leaves the previous checkpoint the newest complete one. `save_total_limit` keeps that many, newest
+    first; ones past `step` (damaged ones a resume skipped) go, so they never outrank this run's."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -617,12 +590,8 @@ def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, ext
 
 
 def load_checkpoint(path: str, model, optimizer, scheduler) -> dict:
-    """Restore what `save_checkpoint` wrote (a checkpoint `checkpoint_problem` passed); returns {"step": ..., **extra}.
-
-    The schedule is the current run's: the learning rate of the next step is its value at the saved step, not
-    the saved one, so a resume with a larger --max_steps stretches the cosine to the new total instead of
-    training on at the end of the old one (lr 0).
-    """
+    """Restore what `save_checkpoint` wrote; returns {"step": ..., **extra}. The schedule is this run's, at the saved
+    step: a resume with a larger --max_steps stretches the cosine to the new total instead of training on at lr 0."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -647,10 +616,8 @@ def load_checkpoint(path: str, model, optimizer, scheduler) -> dict:
 
 
 class MetricsLogger:
-    """One line per step on rank 0, every metric in `OUTPUT_DIR/metrics.jsonl`, wandb when asked for.
-
-    On resume, rows past the resumed step are dropped first, so the file never holds a step twice.
-    """
+    """One line per step on rank 0, every metric in `OUTPUT_DIR/metrics.jsonl`, wandb when asked for. On resume,
+    rows past the resumed step are dropped first, so the file never holds a step twice."""
 
     def __init__(self, output_dir: str, config: dict | None = None, wandb_project: str | None = None,
                  resume_step: int | None = None, show: tuple = ()):
@@ -663,13 +630,11 @@ class MetricsLogger:
             return
         os.makedirs(output_dir, exist_ok=True)
         for p in (self.path, self.samples_path):
-            if os.path.exists(p):
-                keep = []
-                if resume_step is not None:
-                    with open(p) as f:
-                        keep = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-                with open(p, "w") as f:
-                    f.writelines(keep)
+            if os.path.exists(p):  # a fresh start empties it, a resume keeps the rows up to its step
+                with open(p) as f:
+                    keep = [ln for ln in f if resume_step is not None and ln.strip()
+                            and json.loads(ln).get("step", 0) <= resume_step]
+                write_whole(p, "".join(keep))
         if wandb_project:
             try:
                 import wandb
@@ -694,17 +659,5 @@ class MetricsLogger:
         if not self.is_main:
             return
         with open(self.samples_path, "a") as f:
-            for r in rows:
-                f.write(json.dumps({"step": step, **r}) + "\n")
-
-
-def machine_line() -> str:
-    """The CPU model, its cores and the thread settings: a timing means nothing without them."""
-    cpu = "unknown CPU"
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return (f"{cpu}, {os.cpu_count()} cores{gpu}, torch threads {torch.get_num_threads()}, "
-            f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
+            f.writelines(json.dumps({"step": step, **r}) + "\n" for r in rows)
 

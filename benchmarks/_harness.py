@@ -19,7 +19,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS
 
 def machine() -> str:
     """Printed by every benchmark that reports a time: the CPU (or GPU) it ran on, and the threads of each contender."""
-    from runs import machine_line
+    from engine import machine_line
 
     return f"machine: {machine_line().split(', torch threads')[0]}; each contender on {ENV['OMP_NUM_THREADS']} thread(s)"
 

@@ -211,7 +211,7 @@ def lab(mode: str, k: dict) -> None:
 
 def machine() -> str:
     """Every timing this lab prints is of this machine: its CPU and cores, and how the runs share them."""
-    from runs import machine_line
+    from engine import machine_line
     return f"{machine_line().split(', torch threads')[0]}, one thread per run"
 
 

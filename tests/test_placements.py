@@ -82,17 +82,19 @@ def test_prompt_placement_redraws_the_hinted_groups_from_the_hinted_prompt(tiny,
 
     def fake_sample(model, tok, prompts, n, **kwargs):
         seen["prompts"], seen["n"] = prompts, n
-        return {"prompt_ids": [[99]] * n * len(prompts), "completion_ids": [[42], [43]], "texts": ["so \\boxed{4}", "x"],
-                "eos": [True, False]}
+        return {"prompt_ids": [[99]] * n * len(prompts), "completion_ids": [[42], [43]],
+                "texts": ["so \\boxed{4}", "\\boxed{" + "9" * 600 + "}"], "eos": [True, False]}
 
     monkeypatch.setattr(expo_grpo, "sample", fake_sample)
     explanations = [None, {"explanation": "Add.\nTwo and two.\nFour: \\boxed{4}"}]
-    new, rewards, advantages = expo_grpo.hinted_groups(None, tokenizer, batch, out, torch.zeros(4), [None, [1, 2]],
+    new, rewards, advantages, verified = expo_grpo.hinted_groups(None, tokenizer, batch, out, torch.zeros(4), [None, [1, 2]],
                                                        explanations, 0.5, Args(model="tiny", num_generations=G))
     assert seen["n"] == G and seen["prompts"] == [common.question_prompt(tokenizer, "What is 2 + 2?") + "Add.\n"]
     assert new["completion_ids"] == [[5], [6], [42], [43]] and new["eos"] == [True, True, True, False]
     assert rewards.tolist() == [0.0, 0.0, 1.0, 0.0]  # the redrawn group's rewards, scored against its gold
     torch.testing.assert_close(advantages, group_advantages(rewards, G))
+    # what the verifier saw of the redrawn samples counts in the step's metrics: one answer of 600 characters
+    assert verified == {"verify_timeouts": 0.0, "verify_errors": 0.0, "verify_prefiltered": 1.0}
 
 
 # ---------------------------------------------------------------- sft_only (STaR): the SFT term alone
