@@ -32,7 +32,7 @@ sys.path.insert(0, ROOT)
 
 # ---- The recipes and the arms ----
 
-# lr and beta, and the calibration they came from (`calibrate`, issue 25; `full` runs on its own). These predate it.
+# lr and beta, and the calibration they came from (`full` runs its own `calibrate` and trains on its choice).
 # Chosen by `calibrate` (examples/README.md, "Calibration"): the largest GRPO lr whose plain baseline keeps what
 # bases 0-2 solve and learns what it samples, at the paper's beta 0.04; DPO at that lr / 6 (the paper's ratio).
 RECIPE_LR = {"from": "calibrate, 2026-12-03, bases 0-2: lr 1e-3 and 5e-4 fail, 3e-4 beta 0.04 passes",
