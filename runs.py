@@ -96,7 +96,8 @@ def parse_flags(cls, script: str):
 
 
 def fail(line: str):
-    """Stop with one line, printed by rank 0 only (no process group exists yet to say which rank is first)."""
+    """Stop with one line, printed by rank 0 only; the other ranks exit quietly (also before any process group
+    exists, as torchrun's RANK says which rank this is)."""
     raise SystemExit(line if int(os.environ.get("RANK", 0)) == 0 else 1)
 
 
